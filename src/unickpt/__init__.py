@@ -1,0 +1,49 @@
+"""unickpt: universal checkpointing for sharded PyTorch training.
+
+Save on any parallel layout, load on any other::
+
+    unickpt.save("ckpt/step_100", {"model": model, "optim": optim}, step=100)
+    unickpt.load("ckpt/step_100", {"model": model, "optim": optim})   # in place, resharded
+"""
+
+from unickpt.engine import LoadResult, SaveResult, load, save
+from unickpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    InvalidStateError,
+    StateMismatchError,
+    StorageError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+from unickpt.format import Manifest
+from unickpt.layout.sharded import ShardedTensor
+from unickpt.tools import VerifyReport, collect_garbage, inspect, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "InvalidStateError",
+    "LoadResult",
+    "Manifest",
+    "SaveResult",
+    "ShardedTensor",
+    "StateMismatchError",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "UnsupportedFormatError",
+    "VerifyReport",
+    "collect_garbage",
+    "inspect",
+    "load",
+    "save",
+    "verify",
+]

@@ -1,0 +1,243 @@
+"""Load with resharding: intersect the boxes this rank needs with the stored chunks, read only
+those byte ranges (straight into the target tensor when the run is contiguous there), in parallel.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from unickpt.engine.buffers import byte_view
+from unickpt.engine.comm import Comm
+from unickpt.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+)
+from unickpt.format.checksum import checksum
+from unickpt.format.dtypes import torch_dtype
+from unickpt.format.manifest import Manifest, TensorMeta, read_manifest
+from unickpt.layout.sharded import LocalShard
+from unickpt.layout.state import LoadView, collect_for_load
+from unickpt.plan.load_plan import ChunkRead, contiguous_destination, plan_target_reads
+from unickpt.storage import Reader, Storage, open_storage
+from unickpt.telemetry import PhaseTimer
+
+READ_THREADS = 4
+
+
+@dataclass
+class LoadResult:
+    """What one rank's call to :func:`unickpt.load` did."""
+
+    path: str
+    step: int | None
+    bytes_read: int
+    bytes_needed: int
+    seconds: float
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def load(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    strict: bool = True,
+    verify: bool = False,
+    allow_pickle: bool = False,
+) -> LoadResult:
+    """Fill ``state`` in place from the checkpoint at ``path``, resharding to ``state``'s layout.
+
+    ``strict``: any missing or unexpected key, or dtype difference, raises StateMismatchError
+    listing them all (shape differences always raise). ``verify``: check every chunk read against
+    its checksum. Pickled entries are refused unless ``allow_pickle=True``.
+    """
+    comm = Comm()
+    error: Exception | None = None
+    result: LoadResult | None = None
+    try:
+        result = _load(path, state, strict=strict, verify=verify, allow_pickle=allow_pickle)
+    except Exception as exc:  # reported to the peers before raising, so no rank hangs
+        error = exc
+    if comm.world_size > 1:  # fail together, so no rank trains on with a half-loaded peer
+        status = f"{type(error).__name__}: {error}" if error else ""
+        failures = [
+            (r, s.decode()) for r, s in enumerate(comm.all_gather_bytes(status.encode())) if s
+        ]
+        if failures and error is None:
+            rank, message = failures[0]
+            raise CheckpointError(f"load failed on rank {rank}: {message}")
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
+
+
+def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[str], list[str]]:
+    stored = set(manifest.tensors) | set(manifest.objects)
+    wanted = set(view.shards) | set(view.objects)
+    missing = sorted(wanted - stored)
+    unexpected = sorted(stored - wanted)
+    problems = []
+    for key, shard in view.shards.items():
+        meta = manifest.tensors.get(key)
+        if meta is None:
+            continue
+        if meta.encoding != "raw":
+            problems.append(f"  {key}: expected a tensor, found a pickled object")
+        elif tuple(meta.shape) != shard.global_shape:
+            problems.append(
+                f"  {key}: shape: expected {list(shard.global_shape)}, found {list(meta.shape)}"
+            )
+        elif strict and torch_dtype(meta.dtype) != shard.local.dtype:
+            problems.append(f"  {key}: dtype: expected {shard.local.dtype}, found {meta.dtype}")
+    for key in view.objects:
+        meta = manifest.tensors.get(key)
+        if meta is not None and meta.encoding == "raw":
+            problems.append(
+                f"  {key}: expected an object, found a tensor of shape {list(meta.shape)}"
+            )
+    if strict:
+        problems += [f"  {key}: missing from the checkpoint" for key in missing]
+        problems += [f"  {key}: in the checkpoint but not in the state" for key in unexpected]
+    if problems:
+        raise StateMismatchError(
+            f"state does not match checkpoint ({len(problems)} problem(s)):\n" + "\n".join(problems)
+        )
+    return missing, unexpected
+
+
+def _load(
+    path: str | Storage, state: dict[str, Any], *, strict: bool, verify: bool, allow_pickle: bool
+) -> LoadResult:
+    timer = PhaseTimer()
+    storage = open_storage(path)
+    with timer("manifest"):
+        manifest = read_manifest(storage)
+        raw = {
+            k: (t.shape, torch_dtype(t.dtype))
+            for k, t in manifest.tensors.items()
+            if t.encoding == "raw"
+        }
+        pickled = {k for k, t in manifest.tensors.items() if t.encoding == "pickle"}
+        with torch.no_grad():
+            view = collect_for_load(state, raw, set(manifest.objects) | pickled)
+        missing, unexpected = _check_keys(view, manifest, strict)
+        if not allow_pickle and (refused := sorted(pickled & set(view.objects))):
+            raise UnsafeCheckpointError(
+                f"entries {refused} hold pickled Python objects, which can run code when loaded; "
+                "pass allow_pickle=True only if you trust this checkpoint"
+            )
+
+    jobs: list[tuple[ChunkRead, LocalShard, TensorMeta]] = []
+    needed = 0
+    for key, shard in view.shards.items():
+        meta = manifest.tensors.get(key)
+        if meta is None:
+            continue
+        size = torch_dtype(meta.dtype).itemsize
+        needed += shard.box.volume * size
+        jobs += [
+            (r, shard, meta) for r in plan_target_reads(shard.box, meta.chunks, size, whole=verify)
+        ]
+
+    with timer("read"), torch.no_grad():
+        readers: dict[str, Reader] = {}
+        try:
+            for name in sorted({job[0].chunk.file for job in jobs}):
+                readers[name] = storage.open_reader(name)
+                if readers[name].size() != manifest.files[name]:
+                    raise CorruptCheckpointError(
+                        f"data file {storage.describe(name)} has {readers[name].size()} bytes, "
+                        f"the manifest says {manifest.files[name]} (truncated or replaced)"
+                    )
+            jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                read_bytes = sum(pool.map(lambda j: _execute(j, readers, storage, verify), jobs))
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    with timer("objects"):
+        for key, setter in view.objects.items():
+            if key in manifest.objects:
+                setter(manifest.objects[key])
+            elif key in pickled:
+                setter(_unpickle(storage, manifest.tensors[key]))
+                read_bytes += manifest.tensors[key].nbytes
+        for finalize in view.finalizers:
+            finalize()
+    return LoadResult(
+        str(storage.url),
+        manifest.step,
+        read_bytes,
+        needed,
+        timer.total,
+        missing,
+        unexpected,
+        timer.phases,
+    )
+
+
+def _execute(
+    job: tuple[ChunkRead, LocalShard, TensorMeta],
+    readers: dict[str, Reader],
+    storage: Storage,
+    verify: bool,
+) -> int:
+    read, shard, meta = job
+    reader = readers[read.chunk.file]
+    dtype = torch_dtype(meta.dtype)
+    target = shard.local
+    inter = read.inter.relative_to(shard.box)
+    exact = len(read.ranges) == 1 and read.buffer_nbytes == read.inter.volume * dtype.itemsize
+    if (
+        exact
+        and not verify
+        and target.dtype == dtype
+        and target.device.type == "cpu"
+        and target.is_contiguous()
+    ):
+        start = contiguous_destination(shard.box.sizes, inter)
+        if start is not None:  # the bytes land straight in the target's memory
+            flat = target.detach().reshape(-1)[start : start + read.inter.volume]
+            reader.read_into(read.ranges[0][0], byte_view(flat))
+            return read.buffer_nbytes
+    buffer = torch.empty(read.buffer_nbytes, dtype=torch.uint8)
+    view = byte_view(buffer)
+    position = 0
+    for offset, length in read.ranges:
+        reader.read_into(offset, view[position : position + length])
+        position += length
+    if verify and checksum(view) != read.chunk.xxh3:
+        raise CorruptCheckpointError(
+            f"checksum mismatch in tensor {_key_of(read)!r} chunk {read.chunk.box} "
+            f"(file {storage.describe(read.chunk.file)}, bytes [{read.chunk.offset}, "
+            f"{read.chunk.offset + read.chunk.nbytes}))"
+        )
+    source = buffer.view(dtype).as_strided(read.inter.sizes, read.strides, read.offset)
+    target[inter.slices()].copy_(source)
+    return read.buffer_nbytes
+
+
+def _key_of(read: ChunkRead) -> str:
+    return read.chunk.key.rpartition("@")[0]
+
+
+def _unpickle(storage: Storage, meta: TensorMeta) -> Any:
+    chunk = meta.chunks[0]
+    with storage.open_reader(chunk.file) as reader:
+        blob = reader.read(chunk.offset, chunk.nbytes)
+    if checksum(blob) != chunk.xxh3:
+        raise CorruptCheckpointError(f"checksum mismatch in pickled entry {chunk.key!r}")
+    return pickle.loads(blob)
+
+
+__all__ = ["LoadResult", "load"]

@@ -1,0 +1,291 @@
+"""Synchronous distributed save: plan, stream each rank's shards, commit the manifest last.
+
+Protocol (every rank): (1) flatten the local state and exchange a layout digest (with rank 0's
+save id and any local error) — the only collective before writing when the plan is cached;
+(2) write this rank's assigned boxes into one safetensors file, fsynced; (3) exchange the chunk
+records; rank 0 validates the tiling and atomically publishes manifest.json; (4) rank 0
+broadcasts the outcome so that every rank returns or raises together.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pickle
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from unickpt.engine.buffers import tensor_bytes
+from unickpt.engine.comm import Comm
+from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
+from unickpt.format.checksum import checksum
+from unickpt.format.dtypes import dtype_name, itemsize
+from unickpt.format.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INFLIGHT,
+    MANIFEST,
+    Chunk,
+    Manifest,
+    TensorMeta,
+    commit_manifest,
+)
+from unickpt.format.safetensors_file import FileEntry, encode_header
+from unickpt.layout.box import Box
+from unickpt.layout.sharded import LocalShard
+from unickpt.layout.state import SaveView, collect_for_save
+from unickpt.plan.save_plan import PlanCache, SavePlan, ShardMeta, build_save_plan, layout_digest
+from unickpt.storage import Storage, open_storage
+from unickpt.telemetry import PhaseTimer
+
+_PLANS = PlanCache()
+DATA_DIR = "data"
+
+
+@dataclass
+class SaveResult:
+    """What one rank's call to :func:`unickpt.save` did."""
+
+    path: str
+    step: int | None
+    bytes_written: int
+    seconds: float
+    plan_cache_hit: bool
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _shard_key(key: str, box: Box) -> str:
+    return f"{key}@{','.join(map(str, box.offsets))}"
+
+
+def _local_slice(shard: LocalShard, box: Box) -> torch.Tensor:
+    return shard.local[box.relative_to(shard.box).slices()]
+
+
+def _write_file(
+    storage: Storage, file: str, writes: list[tuple[str, Box]], view: SaveView, plan: SavePlan
+) -> tuple[int, list[dict[str, Any]]]:
+    """Stream this rank's boxes into one safetensors file; returns its size and chunk records."""
+    entries = []
+    for key, box in writes:
+        dtype = plan.tensors[key][0]
+        entries.append(
+            FileEntry(_shard_key(key, box), dtype, box.sizes, box.volume * itemsize(dtype))
+        )
+    header, offsets = encode_header(
+        entries, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)}
+    )
+    records = []
+    with storage.open_writer(file) as writer:
+        writer.write(header)
+        for (key, box), entry, offset in zip(writes, entries, offsets, strict=True):
+            data = tensor_bytes(_local_slice(view.shards[key], box))
+            records.append(
+                {
+                    "key": key,
+                    "offsets": list(box.offsets),
+                    "sizes": list(box.sizes),
+                    "file": file,
+                    "st_key": entry.name,
+                    "offset": offset,
+                    "nbytes": entry.nbytes,
+                    "xxh3": checksum(data),
+                }
+            )
+            writer.write(data)
+    return offsets[-1] + entries[-1].nbytes if entries else len(header), records
+
+
+def _add_opaque(view: SaveView) -> None:
+    """Pickle opted-in opaque objects into uint8 tensors (rank 0 only: they are not sharded)."""
+    for key, value in view.opaque.items():
+        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        view.shards[key] = LocalShard(tensor, (len(blob),), Box.full((len(blob),)))
+
+
+def _writer_layout(view: SaveView, world_size: int) -> dict[str, Any]:
+    meshes = []
+    for shard in view.shards.values():
+        if shard.mesh is not None and shard.mesh not in meshes:
+            meshes.append(shard.mesh)
+    return {
+        "world_size": world_size,
+        "meshes": meshes,
+        "torch": torch.__version__,
+        "host": socket.gethostname(),
+    }
+
+
+def save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    step: int | None = None,
+    user_metadata: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> SaveResult:
+    """Save ``state`` (every rank calls this with its own shards) as one committed checkpoint.
+
+    Leaves may be tensors, DTensors, :class:`ShardedTensor`s, objects with ``state_dict()``
+    (modules, optimizers, schedulers) or JSON values; anything else needs ``allow_pickle=True``.
+    ``path`` must not hold a committed checkpoint already. Returns once it is committed.
+    """
+    timer = PhaseTimer()
+    comm = Comm()
+    storage = open_storage(path)
+    local_error: Exception | None = None
+    digest = ""
+    metas: list[ShardMeta] = []
+    view = SaveView()
+    with timer("collect"):
+        try:
+            with torch.no_grad():
+                view = collect_for_save(state, allow_pickle=allow_pickle)
+            if comm.rank == 0:
+                _add_opaque(view)
+            metas = [
+                ShardMeta(key, dtype_name(s.local.dtype, key=key), s.global_shape, s.box)
+                for key, s in view.shards.items()
+            ]
+            if storage.exists(MANIFEST):
+                raise CheckpointExistsError(
+                    f"{storage.url} already holds a committed checkpoint; save to a new path"
+                )
+            if comm.rank == 0:
+                storage.ensure_root()
+                storage.put_atomic(
+                    INFLIGHT,
+                    json.dumps(
+                        {
+                            "host": socket.gethostname(),
+                            "pid": os.getpid(),
+                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                        }
+                    ).encode(),
+                )
+            digest = layout_digest(metas)
+        except Exception as exc:  # reported to the peers, so no rank blocks in a collective
+            local_error = exc
+
+    with timer("plan"):
+        hello = {
+            "digest": digest,
+            "uid": uuid.uuid4().hex[:12],
+            "error": None
+            if local_error is None
+            else f"{type(local_error).__name__}: {local_error}",
+        }
+        replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
+        _raise_first_failure(replies, local_error, "save")
+        uid = replies[0]["uid"]
+        global_digest = xxhash.xxh3_128_hexdigest("|".join(r["digest"] for r in replies).encode())
+        plan = _PLANS.get(global_digest)
+        cache_hit = plan is not None
+        if plan is None:
+            gathered = comm.all_gather_bytes(json.dumps([m.to_json() for m in metas]).encode())
+            per_rank = [[ShardMeta.from_json(m) for m in json.loads(g)] for g in gathered]
+            plan = build_save_plan(per_rank)
+            _PLANS.put(global_digest, plan)
+
+    with timer("write"):
+        writes = plan.writes[comm.rank]
+        report: dict[str, Any] = {"file": None, "size": 0, "chunks": [], "error": None}
+        if writes:
+            file = f"{DATA_DIR}/r{comm.rank:05d}-{uid}.safetensors"
+            try:
+                size, chunks = _write_file(storage, file, writes, view, plan)
+                report.update(file=file, size=size, chunks=chunks)
+            except Exception as exc:
+                report["error"] = f"rank {comm.rank} writing {storage.describe(file)}: {exc}"
+
+    with timer("commit"):
+        reports = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(report).encode())]
+        outcome = ""
+        if comm.rank == 0:
+            try:
+                failures = [r["error"] for r in reports if r["error"]]
+                if failures:
+                    raise StorageError("; ".join(failures))
+                manifest = _build_manifest(
+                    reports, plan, view, step, user_metadata, comm.world_size
+                )
+                commit_manifest(storage, manifest)
+                _tidy(storage, manifest)
+            except Exception as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+        outcome = comm.broadcast_bytes(outcome.encode()).decode()
+        if outcome:
+            raise StorageError(f"save to {storage.url} failed, nothing was committed: {outcome}")
+    return SaveResult(str(storage.url), step, report["size"], timer.total, cache_hit, timer.phases)
+
+
+def _raise_first_failure(
+    replies: list[dict[str, Any]], local_error: Exception | None, what: str
+) -> None:
+    if local_error is not None:
+        raise local_error
+    for rank, reply in enumerate(replies):
+        if reply["error"]:
+            raise CheckpointError(f"{what} aborted: rank {rank} failed: {reply['error']}")
+
+
+def _build_manifest(
+    reports: list[dict[str, Any]],
+    plan: SavePlan,
+    view: SaveView,
+    step: int | None,
+    user_metadata: dict[str, Any] | None,
+    world_size: int,
+) -> Manifest:
+    chunks: dict[str, list[Chunk]] = {key: [] for key in plan.tensors}
+    files: dict[str, int] = {}
+    for report in reports:
+        if report["file"]:
+            files[report["file"]] = report["size"]
+        for c in report["chunks"]:
+            chunks[c["key"]].append(
+                Chunk(
+                    tuple(c["offsets"]),
+                    tuple(c["sizes"]),
+                    c["file"],
+                    c["st_key"],
+                    c["offset"],
+                    c["nbytes"],
+                    c["xxh3"],
+                )
+            )
+    tensors = {
+        key: TensorMeta(
+            dtype,
+            shape,
+            sorted(chunks[key], key=lambda c: c.offsets),
+            "pickle" if key in view.opaque else "raw",
+        )
+        for key, (dtype, shape) in sorted(plan.tensors.items())
+    }
+    manifest = Manifest(
+        tensors=tensors,
+        objects=view.objects,
+        files=files,
+        step=step,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+        writer=_writer_layout(view, world_size),
+        user_metadata=dict(user_metadata or {}),
+    )
+    # Round-trip through the validating parser: a manifest we could not load is never committed.
+    return Manifest.from_json(manifest.to_json(), where="(about to commit)")
+
+
+def _tidy(storage: Storage, manifest: Manifest) -> None:
+    """Drop what a crashed earlier save to this path left behind, and the in-flight marker."""
+    for name in storage.list(DATA_DIR):
+        if name not in manifest.files:
+            storage.delete(name)
+    storage.delete(INFLIGHT)

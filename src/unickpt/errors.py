@@ -1,0 +1,47 @@
+"""Every failure unickpt detects raises a subclass of :class:`CheckpointError`.
+
+Messages name the checkpoint, tensor, chunk and file involved, so that a user reading a log line
+knows what to fix without a debugger.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of all errors raised by unickpt."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path holds no checkpoint at all (no directory, no manifest, no data)."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A save targeted a path that already holds a committed checkpoint."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """The checkpoint was never committed: data may exist but ``manifest.json`` does not."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Committed data does not match its manifest (checksum, size, header) or is unreadable."""
+
+
+class UnsupportedFormatError(CorruptCheckpointError):
+    """The manifest names a format or version this unickpt cannot read."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Reading the checkpoint would escape its directory or unpickle without the caller's opt-in."""
+
+
+class StateMismatchError(CheckpointError):
+    """The state passed to ``load`` does not match the checkpoint (keys, shapes, dtypes)."""
+
+
+class InvalidStateError(CheckpointError):
+    """The state passed to ``save`` cannot be checkpointed as given (bad key, leaf or sharding)."""
+
+
+class StorageError(CheckpointError):
+    """The storage backend failed (disk full, permission denied, unreachable store)."""

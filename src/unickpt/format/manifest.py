@@ -1,0 +1,253 @@
+"""manifest.json: the commit point and the global description of a checkpoint (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from unickpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsupportedFormatError,
+)
+from unickpt.format.dtypes import is_known, itemsize
+from unickpt.layout.box import Box, tiling_problem
+from unickpt.storage.base import Storage, check_relative_path
+
+FORMAT_NAME = "unickpt"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INFLIGHT = "_inflight.json"  # present while a save is running (see docs/FORMAT.md, "gc")
+MAX_MANIFEST_BYTES = 1 << 30
+_CHECKSUM = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One box of a tensor stored contiguously (row-major) in a data file."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    key: str  # the tensor name inside the safetensors file
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+    xxh3: str
+
+    @property
+    def box(self) -> Box:
+        return Box(self.offsets, self.sizes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "offsets": list(self.offsets),
+            "sizes": list(self.sizes),
+            "file": self.file,
+            "key": self.key,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "xxh3": self.xxh3,
+        }
+
+
+@dataclass
+class TensorMeta:
+    """A global tensor: dtype, shape and the chunks that tile it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: list[Chunk]
+    encoding: str = "raw"  # "pickle": a uint8 tensor holding a pickled object (opt-in only)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
+        if self.encoding != "raw":
+            out["encoding"] = self.encoding
+        out["chunks"] = [c.to_json() for c in self.chunks]
+        return out
+
+
+@dataclass
+class Manifest:
+    """Everything needed to load a checkpoint, at any layout, without opening a data file first."""
+
+    tensors: dict[str, TensorMeta]
+    objects: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)  # data file -> size in bytes
+    step: int | None = None
+    created: str = ""
+    writer: dict[str, Any] = field(default_factory=dict)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "step": self.step,
+            "created": self.created,
+            "writer": self.writer,
+            "files": self.files,
+            "tensors": {k: t.to_json() for k, t in self.tensors.items()},
+            "objects": self.objects,
+            "user_metadata": self.user_metadata,
+        }
+        return json.dumps(doc, separators=(",", ":"), allow_nan=True)
+
+    @staticmethod
+    def from_json(text: bytes | str, *, where: str) -> Manifest:
+        """Parse and validate; any defect raises CorruptCheckpointError naming what is wrong."""
+        try:
+            doc = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(f"manifest {where} is not valid JSON: {exc}") from exc
+        return _Parser(where).manifest(doc)
+
+
+class _Parser:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, field_path: str, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"manifest {self.where}: {field_path}: {problem}")
+
+    def get(self, doc: dict[str, Any], name: str, kind: type | tuple[type, ...], at: str) -> Any:
+        if name not in doc:
+            raise self.fail(f"{at}{name}", "missing")
+        value = doc[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(
+                f"{at}{name}",
+                f"expected {getattr(kind, '__name__', kind)}, found {type(value).__name__}",
+            )
+        return value
+
+    def ints(self, value: Any, at: str) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        ):
+            raise self.fail(at, "expected a list of non-negative integers")
+        return tuple(value)
+
+    def manifest(self, doc: Any) -> Manifest:
+        if not isinstance(doc, dict):
+            raise self.fail("(root)", "expected a JSON object")
+        if doc.get("format") != FORMAT_NAME:
+            raise UnsupportedFormatError(
+                f"manifest {self.where}: format is {doc.get('format')!r}, not {FORMAT_NAME!r}"
+            )
+        version = doc.get("version")
+        if version != FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"manifest {self.where}: format version {version!r} is not supported "
+                f"(this unickpt reads version {FORMAT_VERSION}); upgrade unickpt"
+            )
+        files: dict[str, int] = {}
+        for name, size in self.get(doc, "files", dict, "").items():
+            check_relative_path(name)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise self.fail(f"files[{name!r}]", "expected a byte count")
+            files[name] = size
+        tensors = {
+            key: self.tensor(key, value, files)
+            for key, value in self.get(doc, "tensors", dict, "").items()
+        }
+        step = doc.get("step")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise self.fail("step", "expected an integer or null")
+        return Manifest(
+            tensors=tensors,
+            objects=self.get(doc, "objects", dict, ""),
+            files=files,
+            step=step,
+            created=str(doc.get("created", "")),
+            writer=self.get(doc, "writer", dict, ""),
+            user_metadata=self.get(doc, "user_metadata", dict, ""),
+            version=version,
+        )
+
+    def tensor(self, key: str, doc: Any, files: dict[str, int]) -> TensorMeta:
+        at = f"tensors[{key!r}]"
+        if not isinstance(doc, dict):
+            raise self.fail(at, "expected an object")
+        dtype = self.get(doc, "dtype", str, at + ".")
+        if not is_known(dtype):
+            raise self.fail(at + ".dtype", f"unknown dtype {dtype!r}")
+        shape = self.ints(self.get(doc, "shape", list, at + "."), at + ".shape")
+        encoding = doc.get("encoding", "raw")
+        if encoding not in ("raw", "pickle"):
+            raise self.fail(at + ".encoding", f"unknown encoding {encoding!r}")
+        chunks = []
+        for i, chunk in enumerate(self.get(doc, "chunks", list, at + ".")):
+            chunks.append(self.chunk(chunk, f"{at}.chunks[{i}]", dtype, len(shape), files))
+        problem = tiling_problem([c.box for c in chunks], shape)
+        if problem:
+            raise self.fail(at, f"chunks do not tile shape {list(shape)}: {problem}")
+        return TensorMeta(dtype, shape, chunks, encoding)
+
+    def chunk(self, doc: Any, at: str, dtype: str, ndim: int, files: dict[str, int]) -> Chunk:
+        if not isinstance(doc, dict):
+            raise self.fail(at, "expected an object")
+        offsets = self.ints(self.get(doc, "offsets", list, at + "."), at + ".offsets")
+        sizes = self.ints(self.get(doc, "sizes", list, at + "."), at + ".sizes")
+        if len(offsets) != ndim or len(sizes) != ndim:
+            raise self.fail(at, f"offsets/sizes must have {ndim} entries")
+        file = check_relative_path(self.get(doc, "file", str, at + "."))
+        if file not in files:
+            raise self.fail(at + ".file", f"{file!r} is not listed in 'files'")
+        nbytes = self.get(doc, "nbytes", int, at + ".")
+        if nbytes != math.prod(sizes) * itemsize(dtype):
+            raise self.fail(
+                at + ".nbytes", f"{nbytes} does not match sizes {list(sizes)} of {dtype}"
+            )
+        offset = self.get(doc, "offset", int, at + ".")
+        if offset < 0 or offset + nbytes > files[file]:
+            raise self.fail(
+                at + ".offset",
+                f"bytes [{offset}, {offset + nbytes}) lie outside {file!r} ({files[file]} bytes)",
+            )
+        digest = self.get(doc, "xxh3", str, at + ".")
+        if not _CHECKSUM.match(digest):
+            raise self.fail(at + ".xxh3", f"{digest!r} is not 16 lowercase hex digits")
+        return Chunk(
+            offsets, sizes, file, self.get(doc, "key", str, at + "."), offset, nbytes, digest
+        )
+
+
+def read_manifest(storage: Storage) -> Manifest:
+    """The committed manifest of the checkpoint rooted at ``storage``.
+
+    Raises CheckpointNotFoundError (nothing there), IncompleteCheckpointError (data but no
+    committed manifest), CorruptCheckpointError/UnsupportedFormatError/UnsafeCheckpointError.
+    """
+    if not storage.exists(MANIFEST):
+        if storage.list():
+            raise IncompleteCheckpointError(
+                f"checkpoint {storage.url} is incomplete: it has no committed {MANIFEST} "
+                "(the save was interrupted or is still running); `unickpt gc` removes it"
+            )
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
+    with storage.open_reader(MANIFEST) as reader:
+        if reader.size() > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"manifest {storage.describe(MANIFEST)} is implausibly large"
+            )
+        text = bytes(reader.read(0, reader.size()))
+    return Manifest.from_json(text, where=storage.describe(MANIFEST))
+
+
+def commit_manifest(storage: Storage, manifest: Manifest) -> None:
+    """Publish the manifest atomically: from this instant the checkpoint exists."""
+    storage.put_atomic(MANIFEST, manifest.to_json().encode())

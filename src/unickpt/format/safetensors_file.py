@@ -1,0 +1,70 @@
+"""Data files: standard safetensors (8-byte LE header length, JSON header, raw row-major data).
+
+We write headers ourselves because the data is streamed straight from tensor memory to storage
+(no intermediate serialised copy); any safetensors reader can open the result.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from unickpt.errors import CorruptCheckpointError
+from unickpt.format.dtypes import safetensors_dtype
+from unickpt.storage.base import Reader
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One tensor of a data file: name, manifest dtype, shape and byte length."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def encode_header(
+    entries: Sequence[FileEntry], metadata: dict[str, str]
+) -> tuple[bytes, list[int]]:
+    """The header bytes and each entry's absolute byte offset in the file, in entry order."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    position = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": safetensors_dtype(entry.dtype),
+            "shape": list(entry.shape),
+            "data_offsets": [position, position + entry.nbytes],
+        }
+        position += entry.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    prefix = struct.pack("<Q", len(text)) + text
+    offsets = []
+    position = len(prefix)
+    for entry in entries:
+        offsets.append(position)
+        position += entry.nbytes
+    return prefix, offsets
+
+
+def read_header(reader: Reader, where: str) -> tuple[dict[str, Any], int]:
+    """Parse a data file's header (never executes anything); returns it and the data start."""
+    size = reader.size()
+    if size < 8:
+        raise CorruptCheckpointError(f"data file {where} is truncated: {size} bytes, no header")
+    (length,) = struct.unpack("<Q", bytes(reader.read(0, 8)))
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+        raise CorruptCheckpointError(f"data file {where} has an invalid header length {length}")
+    try:
+        header = json.loads(bytes(reader.read(8, length)))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"data file {where} has a malformed header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"data file {where} has a malformed header: not an object")
+    return header, 8 + length

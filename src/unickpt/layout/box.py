@@ -1,0 +1,181 @@
+"""Boxes: axis-aligned hyper-rectangles of a tensor's global index space.
+
+Every shard on disk and every shard a rank holds is a box. Resharding is box intersection plus the
+translation of a sub-box of a row-major chunk into contiguous byte runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """``offsets`` and ``sizes`` per dimension; a 0-d tensor is the empty tuple box of volume 1."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @staticmethod
+    def of(offsets: Sequence[int], sizes: Sequence[int]) -> Box:
+        return Box(tuple(int(o) for o in offsets), tuple(int(s) for s in sizes))
+
+    @staticmethod
+    def full(shape: Sequence[int]) -> Box:
+        return Box((0,) * len(shape), tuple(int(s) for s in shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def volume(self) -> int:
+        return math.prod(self.sizes)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        return tuple(o + s for o, s in zip(self.offsets, self.sizes, strict=True))
+
+    def intersect(self, other: Box) -> Box | None:
+        """The common box, or None when the two share no element."""
+        lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets, strict=True))
+        hi = tuple(min(a, b) for a, b in zip(self.ends, other.ends, strict=True))
+        if any(h <= l_ for l_, h in zip(lo, hi, strict=True)):
+            return None
+        return Box(lo, tuple(h - l_ for l_, h in zip(lo, hi, strict=True)))
+
+    def relative_to(self, origin: Box) -> Box:
+        """This box in the coordinates of ``origin`` (which must contain it)."""
+        return Box(
+            tuple(o - p for o, p in zip(self.offsets, origin.offsets, strict=True)), self.sizes
+        )
+
+    def within(self, shape: Sequence[int]) -> bool:
+        return len(shape) == self.ndim and all(
+            o >= 0 and s >= 0 and o + s <= d
+            for o, s, d in zip(self.offsets, self.sizes, shape, strict=True)
+        )
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes, strict=True))
+
+    def split(self, pieces: int) -> list[Box]:
+        """Cut along the first dimension longer than 1 into at most ``pieces`` near-equal boxes."""
+        dim = next((d for d, s in enumerate(self.sizes) if s > 1), None)
+        if dim is None or pieces <= 1:
+            return [self]
+        length = self.sizes[dim]
+        pieces = min(pieces, length)
+        out = []
+        for i in range(pieces):
+            lo, hi = length * i // pieces, length * (i + 1) // pieces
+            offsets = list(self.offsets)
+            sizes = list(self.sizes)
+            offsets[dim] += lo
+            sizes[dim] = hi - lo
+            out.append(Box(tuple(offsets), tuple(sizes)))
+        return out
+
+    def __str__(self) -> str:
+        return (
+            "["
+            + ", ".join(f"{o}:{o + s}" for o, s in zip(self.offsets, self.sizes, strict=True))
+            + "]"
+        )
+
+
+def row_major_strides(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Element strides of a contiguous row-major array of ``sizes``."""
+    strides = [1] * len(sizes)
+    for d in range(len(sizes) - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(int(sizes[d + 1]), 1)
+    return tuple(strides)
+
+
+@dataclass(frozen=True, slots=True)
+class Runs:
+    """A sub-box of a row-major array as contiguous runs of elements.
+
+    ``starts[i]`` is the element index (in the enclosing array) where run ``i`` begins; every run
+    is ``length`` elements long. Runs are in row-major order of the sub-box, so reading them one
+    after the other yields the sub-box as a contiguous array.
+    """
+
+    starts: np.ndarray
+    length: int
+
+    @property
+    def count(self) -> int:
+        return int(self.starts.size)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """[first, last) element range covering every run."""
+        if self.count == 0:
+            return (0, 0)
+        return int(self.starts[0]), int(self.starts[-1]) + self.length
+
+
+def contiguous_runs(sub: Box, sizes: Sequence[int]) -> Runs:
+    """Decompose ``sub`` (relative to an array of ``sizes``) into maximal contiguous runs."""
+    ndim = len(sizes)
+    if sub.volume == 0:
+        return Runs(np.zeros(0, dtype=np.int64), 0)
+    if ndim == 0:
+        return Runs(np.zeros(1, dtype=np.int64), 1)
+    strides = row_major_strides(sizes)
+    # The run extends over the trailing dims the sub-box covers fully, plus one partial dim.
+    k = ndim - 1
+    while k > 0 and sub.offsets[k] == 0 and sub.sizes[k] == sizes[k]:
+        k -= 1
+    length = sub.sizes[k] * strides[k]
+    starts = np.array([sub.offsets[k] * strides[k]], dtype=np.int64)
+    for d in range(k - 1, -1, -1):
+        rows = (sub.offsets[d] + np.arange(sub.sizes[d], dtype=np.int64)) * strides[d]
+        starts = (rows[:, None] + starts[None, :]).reshape(-1)
+    return Runs(starts, int(length))
+
+
+def tiling_problem(boxes: Sequence[Box], shape: Sequence[int]) -> str | None:
+    """Why ``boxes`` do not tile ``shape`` exactly (no gap, no overlap), or None if they do."""
+    shape = tuple(int(s) for s in shape)
+    for box in boxes:
+        if not box.within(shape):
+            return f"chunk {box} lies outside shape {list(shape)}"
+    total = math.prod(shape)
+    covered = sum(b.volume for b in boxes)
+    if total == 0:
+        return None if boxes else "no chunk"
+    nonempty = [b for b in boxes if b.volume]
+    if covered != total:
+        kind = "overlap" if covered > total else "gap"
+        return f"chunks cover {covered} of {total} elements ({kind})"
+    if len(shape) == 0:
+        return None if len(nonempty) == 1 else f"{len(nonempty)} chunks for a 0-d tensor"
+    # Volumes add up, so exact tiling <=> no two chunks overlap. Check on the grid of cut points:
+    # each grid cell must be claimed exactly once (linear in cells for DTensor-style grids).
+    cuts = [
+        sorted({0, n, *(b.offsets[d] for b in nonempty), *(b.ends[d] for b in nonempty)})
+        for d, n in enumerate(shape)
+    ]
+    cells = math.prod(len(c) - 1 for c in cuts)
+    if cells <= 4_000_000:
+        claims = np.zeros([len(c) - 1 for c in cuts], dtype=np.int32)
+        index = [{v: i for i, v in enumerate(c)} for c in cuts]
+        for b in nonempty:
+            sl = tuple(
+                slice(index[d][b.offsets[d]], index[d][b.ends[d]]) for d in range(len(shape))
+            )
+            claims[sl] += 1
+        if (claims != 1).any():
+            return "chunks overlap"
+        return None
+    for i, a in enumerate(nonempty):  # pathological cut patterns: pairwise fallback
+        for b in nonempty[i + 1 :]:
+            if a.intersect(b) is not None:
+                return f"chunks {a} and {b} overlap"
+    return None

@@ -1,0 +1,105 @@
+"""Where a rank's local data sits globally: DTensor placements, ShardedTensors, plain tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from unickpt.errors import InvalidStateError
+from unickpt.layout.box import Box
+
+
+class ShardedTensor:
+    """A rank's shard of a larger tensor, for hand-rolled TP/PP layouts.
+
+    ``local`` holds the elements ``global_offsets[d] : global_offsets[d] + local.shape[d]`` of a
+    tensor of ``global_shape``. Ranks holding identical boxes are replicas: the box is written once.
+    On load, ``local`` is filled in place.
+    """
+
+    def __init__(
+        self, local: torch.Tensor, global_shape: Sequence[int], global_offsets: Sequence[int]
+    ) -> None:
+        box = Box.of(global_offsets, local.shape)
+        shape = tuple(int(s) for s in global_shape)
+        if not box.within(shape):
+            raise InvalidStateError(
+                f"ShardedTensor: local shape {list(local.shape)} at offsets "
+                f"{list(global_offsets)} does not fit in global shape {list(shape)}"
+            )
+        self.local = local
+        self.global_shape = shape
+        self.global_offsets = box.offsets
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedTensor(local={tuple(self.local.shape)}, global_shape={self.global_shape}, "
+            f"global_offsets={self.global_offsets}, dtype={self.local.dtype})"
+        )
+
+
+@dataclass
+class LocalShard:
+    """A rank's view of one global tensor: its local data and the global box that data covers."""
+
+    local: torch.Tensor
+    global_shape: tuple[int, ...]
+    box: Box
+    mesh: dict[str, Any] | None = None  # the DTensor mesh, for the writer's layout record
+
+
+def is_tensor_leaf(value: object) -> bool:
+    return isinstance(value, torch.Tensor | ShardedTensor)
+
+
+def local_shard(value: torch.Tensor | ShardedTensor, *, key: str) -> LocalShard:
+    """The rank-local shard of a tensor leaf; a plain tensor is a full, replicated box."""
+    if isinstance(value, ShardedTensor):
+        return LocalShard(
+            value.local, value.global_shape, Box.of(value.global_offsets, value.local.shape)
+        )
+    if isinstance(value, DTensor):
+        return _dtensor_shard(value, key=key)
+    return LocalShard(value, tuple(value.shape), Box.full(value.shape))
+
+
+def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
+    mesh = value.device_mesh
+    shape = tuple(int(s) for s in value.shape)
+    local = value.to_local()
+    coordinate = mesh.get_coordinate()
+    offsets = [0] * len(shape)
+    sizes = list(shape)
+    if coordinate is None:  # this rank is not in the mesh: it holds nothing
+        sizes = [0] * len(shape)
+    else:
+        for mesh_dim, placement in enumerate(value.placements):
+            if isinstance(placement, Shard):
+                dim = placement.dim if placement.dim >= 0 else placement.dim + len(shape)
+                # torch.chunk semantics: ceil-sized pieces, the tail possibly short or empty.
+                parts = mesh.size(mesh_dim)
+                piece = -(-sizes[dim] // parts)
+                lo = min(piece * coordinate[mesh_dim], sizes[dim])
+                hi = min(lo + piece, sizes[dim])
+                offsets[dim] += lo
+                sizes[dim] = hi - lo
+            elif not isinstance(placement, Replicate):
+                raise InvalidStateError(
+                    f"tensor {key!r}: DTensor placement {placement} is not supported; "
+                    "use Shard(d) or Replicate() (reduce Partial placements before saving)"
+                )
+    if tuple(local.shape) != tuple(sizes):
+        raise InvalidStateError(
+            f"tensor {key!r}: DTensor local shape {list(local.shape)} differs from the shard "
+            f"{sizes} its placements {list(value.placements)} imply"
+        )
+    mesh_info = {"shape": list(mesh.shape), "dim_names": list(mesh.mesh_dim_names or [])}
+    return LocalShard(local, shape, Box(tuple(offsets), tuple(sizes)), mesh_info)

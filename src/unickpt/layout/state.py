@@ -1,0 +1,295 @@
+"""Flattening a user's state into named global tensors and JSON objects, for save and for load.
+
+One walk serves both directions. Keys join nested dict keys with ``.``. Modules contribute their
+``state_dict()``; optimizers are keyed by parameter FQN (found in the modules of the same state),
+so optimizer state reshards with its parameter; other objects with ``state_dict()`` /
+``load_state_dict()`` are walked through their state dict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from unickpt.errors import InvalidStateError, StateMismatchError
+from unickpt.layout.sharded import LocalShard, ShardedTensor, is_tensor_leaf, local_shard
+
+SEP = "."
+Setter = Callable[[Any], None]
+
+
+def _is_stateful(value: object) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None)
+    )
+
+
+def _is_json(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _contains_tensors(value: object) -> bool:
+    if is_tensor_leaf(value) or _is_stateful(value):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_tensors(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_contains_tensors(v) for v in value)
+    return False
+
+
+def _item_setter(container: Any, name: Any) -> Setter:
+    return lambda value: container.__setitem__(name, value)
+
+
+def _children(
+    value: dict[Any, Any] | list[Any] | tuple[Any, ...], prefix: str
+) -> Iterator[tuple[str, Any, Setter | None]]:
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for name, child in items:
+        if not isinstance(name, str | int) or isinstance(name, bool):
+            raise InvalidStateError(
+                f"state key {name!r} under {prefix or '(root)'!r} must be a str"
+            )
+        setter = _item_setter(value, name) if isinstance(value, dict | list) else None
+        yield (f"{prefix}{SEP}{name}" if prefix else str(name)), child, setter
+
+
+def _param_names(state: object) -> dict[int, str]:
+    """id(parameter) -> FQN within its module, for every nn.Module in the state."""
+    names: dict[int, str] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.nn.Module):
+            for fqn, param in value.named_parameters(remove_duplicate=False):
+                names.setdefault(id(param), fqn)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                visit(v)
+
+    visit(state)
+    return names
+
+
+def _optimizer_param_names(opt: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    out = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    if len(set(out)) != len(out):
+        raise InvalidStateError("optimizer holds a parameter twice or two parameters share an FQN")
+    return out
+
+
+def _json_groups(groups: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    return [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+        for g in groups
+    ]
+
+
+# ------------------------------------------------------------------------------------------- save
+
+
+@dataclass
+class SaveView:
+    """A rank's state, flattened: its shards, JSON objects and (opt-in) opaque objects."""
+
+    shards: dict[str, LocalShard] = field(default_factory=dict)
+    objects: dict[str, Any] = field(default_factory=dict)
+    opaque: dict[str, Any] = field(default_factory=dict)
+
+    def _claim(self, key: str) -> None:
+        if key in self.shards or key in self.objects or key in self.opaque:
+            raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
+
+
+def collect_for_save(state: dict[str, Any], *, allow_pickle: bool) -> SaveView:
+    """Flatten ``state`` as it stands on this rank."""
+    if not isinstance(state, dict):
+        raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
+    view = SaveView()
+    names = _param_names(state)
+
+    def leaf(key: str, value: Any) -> None:
+        view._claim(key)
+        if is_tensor_leaf(value):
+            view.shards[key] = local_shard(value, key=key)
+        elif _is_json(value):
+            view.objects[key] = value
+        elif allow_pickle:
+            view.opaque[key] = value
+        else:
+            raise InvalidStateError(
+                f"state entry {key!r} of type {type(value).__name__} is neither a tensor nor "
+                "JSON-serialisable; pass allow_pickle=True to save (and load) it with pickle"
+            )
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, torch.optim.Optimizer):
+            sd = value.state_dict()
+            pnames = _optimizer_param_names(value, names)
+            for index, entries in sd["state"].items():
+                for name, item in entries.items():
+                    leaf(f"{key}{SEP}state{SEP}{pnames[index]}{SEP}{name}", item)
+            leaf(f"{key}{SEP}param_groups", _json_groups(sd["param_groups"], pnames))
+        elif _is_stateful(value):
+            walk(value.state_dict(), key)
+        elif isinstance(value, dict) or (
+            isinstance(value, list | tuple) and _contains_tensors(value)
+        ):
+            for child_key, child, _ in _children(value, key):
+                walk(child, child_key)
+        else:
+            leaf(key, value)
+
+    for child_key, child, _ in _children(state, ""):
+        walk(child, child_key)
+    return view
+
+
+# ------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadView:
+    """What a load must fill on this rank, and what to run once the data is in place."""
+
+    shards: dict[str, LocalShard] = field(default_factory=dict)
+    objects: dict[str, Setter] = field(default_factory=dict)
+    finalizers: list[Callable[[], None]] = field(default_factory=list)
+
+    def _claim(self, key: str) -> None:
+        if key in self.shards or key in self.objects:
+            raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
+
+    def add_tensor(self, key: str, value: torch.Tensor | ShardedTensor) -> None:
+        self._claim(key)
+        self.shards[key] = local_shard(value, key=key)
+
+    def add_object(self, key: str, setter: Setter) -> None:
+        self._claim(key)
+        self.objects[key] = setter
+
+
+def _template(param: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor to receive optimizer state of ``shape`` laid out like its parameter."""
+    if tuple(param.shape) == shape:
+        return torch.empty_like(param, dtype=dtype)
+    local = param.to_local() if isinstance(param, DTensor) else param
+    return torch.empty(shape, dtype=dtype, device=local.device)
+
+
+def _load_optimizer(
+    opt: torch.optim.Optimizer,
+    key: str,
+    view: LoadView,
+    names: dict[int, str],
+    ckpt_tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    ckpt_objects: set[str],
+) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    pnames = _optimizer_param_names(opt, names)
+    index_of = {n: i for i, n in enumerate(pnames)}
+    live = opt.state_dict()["state"]
+    state_prefix = f"{key}{SEP}state{SEP}"
+    new_state: dict[int, dict[str, Any]] = {}
+    saved_groups: list[list[dict[str, Any]]] = []
+
+    def slot(index: int, name: str) -> Setter:
+        return lambda v: new_state.setdefault(index, {}).__setitem__(name, v)
+
+    wanted: set[tuple[int, str]] = {(i, n) for i, entries in live.items() for n in entries}
+    for ckpt_key in (*ckpt_tensors, *ckpt_objects):
+        if ckpt_key.startswith(state_prefix):
+            pname, _, name = ckpt_key[len(state_prefix) :].rpartition(SEP)
+            if pname in index_of:
+                wanted.add((index_of[pname], name))
+    for index, name in sorted(wanted):
+        entry_key = f"{state_prefix}{pnames[index]}{SEP}{name}"
+        current = live.get(index, {}).get(name)
+        if entry_key in ckpt_tensors:
+            shape, dtype = ckpt_tensors[entry_key]
+            target = (
+                current
+                if isinstance(current, torch.Tensor) and tuple(current.shape) == shape
+                else _template(params[index], shape, dtype)
+            )
+            view.add_tensor(entry_key, target)
+            slot(index, name)(target)
+        elif isinstance(current, torch.Tensor) and entry_key not in ckpt_objects:
+            view.add_tensor(entry_key, current)  # reported missing by the strict check
+            slot(index, name)(current)
+        else:
+            view.add_object(entry_key, slot(index, name))
+    view.add_object(f"{key}{SEP}param_groups", saved_groups.append)
+
+    def finalize() -> None:
+        groups = [dict(g) for g in opt.state_dict()["param_groups"]]
+        if saved_groups:
+            saved = saved_groups[0]
+            if not isinstance(saved, list) or len(saved) != len(groups):
+                raise StateMismatchError(
+                    f"{key}: the checkpoint has {len(saved) if isinstance(saved, list) else '?'} "
+                    f"param groups, the optimizer has {len(groups)}"
+                )
+            for live_group, saved_group in zip(groups, saved, strict=True):
+                expected = [pnames[i] for i in live_group["params"]]
+                if saved_group.get("params") != expected:
+                    raise StateMismatchError(
+                        f"{key}: param group parameters differ: checkpoint "
+                        f"{saved_group.get('params')} vs optimizer {expected}"
+                    )
+                for name, value in saved_group.items():
+                    if name != "params":
+                        was = live_group.get(name)
+                        live_group[name] = tuple(value) if isinstance(was, tuple) else value
+        opt.load_state_dict({"state": new_state, "param_groups": groups})
+
+    view.finalizers.append(finalize)
+
+
+def collect_for_load(
+    state: dict[str, Any],
+    ckpt_tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    ckpt_objects: set[str],
+) -> LoadView:
+    """Flatten the targets of a load; ``ckpt_*`` describe the checkpoint (for optimizer state)."""
+    if not isinstance(state, dict):
+        raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
+    view = LoadView()
+    names = _param_names(state)
+
+    def walk(value: Any, key: str, setter: Setter | None) -> None:
+        if isinstance(value, torch.optim.Optimizer):
+            _load_optimizer(value, key, view, names, ckpt_tensors, ckpt_objects)
+        elif _is_stateful(value):
+            sd = value.state_dict()
+            walk(sd, key, None)
+            if not isinstance(value, torch.nn.Module) or any(
+                not isinstance(v, torch.Tensor) for v in sd.values()
+            ):
+                view.finalizers.append(lambda: value.load_state_dict(sd))
+        elif is_tensor_leaf(value):
+            view.add_tensor(key, value)
+        elif isinstance(value, dict) or (
+            isinstance(value, list | tuple) and _contains_tensors(value)
+        ):
+            for child_key, child, child_setter in _children(value, key):
+                walk(child, child_key, child_setter)
+        else:
+            view.add_object(key, setter or (lambda v: None))
+
+    for child_key, child, setter in _children(state, ""):
+        walk(child, child_key, setter)
+    return view

@@ -1,0 +1,142 @@
+"""The save plan: which rank writes which box of which tensor.
+
+Every rank reports the boxes it holds. Identical boxes held by several ranks (DP replicas,
+``Replicate()`` placements, plain tensors) are written once; large replicated boxes are cut so
+their replicas share the writing; then boxes go, largest first, to the least-loaded rank holding
+them. The plan depends only on the global layout, so it is cached under that layout's digest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import xxhash
+
+from unickpt.errors import InvalidStateError
+from unickpt.format.dtypes import itemsize
+from unickpt.layout.box import Box, tiling_problem
+
+# Replicated boxes at least this large are split among their holders, so no rank writes the
+# whole of a large replicated tensor alone.
+SPLIT_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """What one rank holds of one tensor."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    box: Box
+
+    def to_json(self) -> list[object]:
+        return [
+            self.key,
+            self.dtype,
+            list(self.shape),
+            list(self.box.offsets),
+            list(self.box.sizes),
+        ]
+
+    @staticmethod
+    def from_json(doc: list[object]) -> ShardMeta:
+        key, dtype, shape, offsets, sizes = doc
+        assert isinstance(key, str) and isinstance(dtype, str)
+        assert isinstance(shape, list) and isinstance(offsets, list) and isinstance(sizes, list)
+        return ShardMeta(key, dtype, tuple(shape), Box.of(offsets, sizes))
+
+
+def layout_digest(metas: list[ShardMeta]) -> str:
+    """A digest of one rank's layout; equal digests on every rank mean the cached plan holds."""
+    text = json.dumps(sorted(m.to_json() for m in metas), separators=(",", ":"))  # type: ignore[type-var]
+    return xxhash.xxh3_128_hexdigest(text.encode())
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """``writes[r]`` is the list of (key, box) rank ``r`` writes; ``tensors`` the global specs."""
+
+    writes: list[list[tuple[str, Box]]]
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+
+    def bytes_per_rank(self) -> list[int]:
+        return [
+            sum(box.volume * itemsize(self.tensors[key][0]) for key, box in writes)
+            for writes in self.writes
+        ]
+
+
+def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BYTES) -> SavePlan:
+    """Deduplicate and balance; raise InvalidStateError if ranks disagree or boxes don't tile."""
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    holders: dict[tuple[str, Box], list[int]] = {}
+    for rank, metas in enumerate(per_rank):
+        for meta in metas:
+            spec = (meta.dtype, meta.shape)
+            seen = tensors.setdefault(meta.key, spec)
+            if seen != spec:
+                raise InvalidStateError(
+                    f"tensor {meta.key!r}: ranks disagree on dtype/shape: {seen} vs {spec} "
+                    f"(rank {rank})"
+                )
+            if meta.box.volume or not any(meta.shape):
+                holders.setdefault((meta.key, meta.box), []).append(rank)
+
+    by_key: dict[str, list[Box]] = {key: [] for key in tensors}
+    for key, box in holders:
+        by_key[key].append(box)
+    for key, boxes in by_key.items():
+        _dtype, shape = tensors[key]
+        if 0 in shape:  # empty tensor: one empty chunk, from whoever holds it
+            by_key[key] = boxes[:1] or [Box.full(shape)]
+            holders.setdefault((key, by_key[key][0]), [0])
+            continue
+        problem = tiling_problem(boxes, shape)
+        if problem:
+            raise InvalidStateError(
+                f"tensor {key!r}: the ranks' shards do not tile its shape {list(shape)}: {problem}"
+            )
+
+    pieces: list[tuple[int, str, Box, list[int]]] = []
+    for key, boxes in by_key.items():
+        size = itemsize(tensors[key][0])
+        for box in boxes:
+            ranks = holders[(key, box)]
+            nbytes = box.volume * size
+            parts = min(len(ranks), max(1, nbytes // split_bytes)) if len(ranks) > 1 else 1
+            for piece in box.split(parts):
+                pieces.append((piece.volume * size, key, piece, ranks))
+
+    load = [0] * len(per_rank)
+    writes: list[list[tuple[str, Box]]] = [[] for _ in per_rank]
+    pieces.sort(key=lambda p: (-p[0], p[1], p[2].offsets))
+    for nbytes, key, box, ranks in pieces:
+        rank = min(ranks, key=lambda r: (load[r], r))
+        load[rank] += nbytes
+        writes[rank].append((key, box))
+    for rank_writes in writes:
+        rank_writes.sort(key=lambda w: (w[0], w[1].offsets))
+    return SavePlan(writes, tensors)
+
+
+class PlanCache:
+    """A few recent plans keyed by the digest of the global layout."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._plans: OrderedDict[str, SavePlan] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, digest: str) -> SavePlan | None:
+        plan = self._plans.get(digest)
+        if plan is not None:
+            self._plans.move_to_end(digest)
+        return plan
+
+    def put(self, digest: str, plan: SavePlan) -> None:
+        self._plans[digest] = plan
+        self._plans.move_to_end(digest)
+        while len(self._plans) > self._capacity:
+            self._plans.popitem(last=False)

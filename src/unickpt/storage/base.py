@@ -1,0 +1,129 @@
+"""The storage interface: everything unickpt needs from a place that holds checkpoints.
+
+A Storage is rooted at one location (a directory, a bucket prefix, a memory namespace) and takes
+relative POSIX paths. Implementations must refuse paths that escape the root.
+"""
+
+from __future__ import annotations
+
+import abc
+import posixpath
+from types import TracebackType
+
+from unickpt.errors import UnsafeCheckpointError
+
+
+def check_relative_path(path: str) -> str:
+    """``path`` if it is a safe relative POSIX path inside the root; raises otherwise."""
+    if not isinstance(path, str) or not path:
+        raise UnsafeCheckpointError(f"path {path!r} is not a non-empty string")
+    if "\\" in path or "\x00" in path or ":" in path.split("/", 1)[0]:
+        raise UnsafeCheckpointError(f"path {path!r} contains a forbidden character")
+    if posixpath.isabs(path):
+        raise UnsafeCheckpointError(f"path {path!r} is absolute; checkpoint paths must be relative")
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafeCheckpointError(f"path {path!r} escapes or is not normalised ('.', '..', '//')")
+    return path
+
+
+class Writer(abc.ABC):
+    """A file being written sequentially; visible under its path only after :meth:`close`."""
+
+    @abc.abstractmethod
+    def write(self, data: memoryview | bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Make the data durable (fsync or upload completion) and the file visible."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard what was written; never raises."""
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Reader(abc.ABC):
+    """Random access to one stored file."""
+
+    @abc.abstractmethod
+    def size(self) -> int: ...
+
+    @abc.abstractmethod
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``offset``; a short file raises CorruptCheckpointError."""
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return buf
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Storage(abc.ABC):
+    """A rooted namespace of files. ``url`` names the root in messages."""
+
+    url: str
+
+    @abc.abstractmethod
+    def open_writer(self, path: str) -> Writer:
+        """Stream a new file to ``path`` (replacing any previous one on close)."""
+
+    @abc.abstractmethod
+    def open_reader(self, path: str) -> Reader: ...
+
+    @abc.abstractmethod
+    def put_atomic(self, path: str, data: bytes) -> None:
+        """Publish a small object at once: readers see the old content or the new, never a mix."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Every file under ``prefix`` (a directory path, '' for the root), as relative paths."""
+
+    @abc.abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove one file; a missing file is not an error."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every file under ``prefix`` (a directory path) and the prefix itself."""
+
+    @abc.abstractmethod
+    def child(self, prefix: str) -> Storage:
+        """The storage rooted at ``prefix`` under this root."""
+
+    def ensure_root(self) -> None:  # noqa: B027 - a no-op where there are no directories
+        """Create the root if the backend has such a notion (directories); idempotent."""
+
+    def read(self, path: str) -> bytes:
+        with self.open_reader(path) as reader:
+            return bytes(reader.read(0, reader.size()))
+
+    def size(self, path: str) -> int:
+        with self.open_reader(path) as reader:
+            return reader.size()
+
+    def describe(self, path: str) -> str:
+        """A human-readable location of ``path`` for error messages."""
+        return f"{self.url.rstrip('/')}/{path}"

@@ -1,0 +1,189 @@
+"""Local or shared POSIX filesystem storage with fsync-before-publish semantics."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+
+from unickpt.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+from unickpt.storage.base import Reader, Storage, Writer, check_relative_path
+
+
+def _storage_error(action: str, where: str, exc: OSError) -> StorageError:
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = " (disk full)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = " (permission denied)"
+    return StorageError(f"cannot {action} {where}: {exc.strerror or exc}{hint}")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_durable(path: str) -> None:
+    """Create ``path`` and its parents, fsyncing each parent so the new entries survive a crash."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory)
+        fsync_dir(os.path.dirname(directory))
+
+
+class _LocalWriter(Writer):
+    def __init__(self, final: str, where: str) -> None:
+        self._final = final
+        self._tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        self._where = where
+        try:
+            makedirs_durable(os.path.dirname(final))
+            self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise _storage_error("create", where, exc) from exc
+
+    def write(self, data: memoryview | bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.abort()
+            raise _storage_error("write", self._where, exc) from exc
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._tmp, self._final)
+            fsync_dir(os.path.dirname(self._final))
+        except OSError as exc:
+            self.abort()
+            raise _storage_error("commit", self._where, exc) from exc
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+
+
+class _LocalReader(Reader):
+    def __init__(self, path: str, where: str) -> None:
+        self._where = where
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            self._size = os.fstat(self._fd).st_size
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"data file {where} is missing") from exc
+        except OSError as exc:
+            raise _storage_error("open", where, exc) from exc
+
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        want = out.nbytes
+        if offset + want > self._size:
+            raise CorruptCheckpointError(
+                f"data file {self._where} is truncated: need bytes [{offset}, {offset + want}) "
+                f"but the file has {self._size}"
+            )
+        view = out.cast("B")
+        done = 0
+        try:
+            while done < want:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+                if got == 0:
+                    raise CorruptCheckpointError(
+                        f"data file {self._where} ended early at byte {offset + done}"
+                    )
+                done += got
+        except OSError as exc:
+            raise _storage_error("read", self._where, exc) from exc
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class LocalStorage(Storage):
+    """Files under a directory. Paths resolving outside it (``..``, symlinks) are refused."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def _resolve(self, path: str) -> str:
+        check_relative_path(path)
+        full = os.path.join(self.root, path)
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(full)
+        if real != real_root and not real.startswith(real_root + os.sep):
+            raise UnsafeCheckpointError(
+                f"path {path!r} resolves outside the checkpoint directory {self.root} (to {real})"
+            )
+        return full
+
+    def open_writer(self, path: str) -> Writer:
+        return _LocalWriter(self._resolve(path), self.describe(path))
+
+    def open_reader(self, path: str) -> Reader:
+        return _LocalReader(self._resolve(path), self.describe(path))
+
+    def put_atomic(self, path: str, data: bytes) -> None:
+        with self.open_writer(path) as writer:
+            writer.write(data)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self._resolve(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._resolve(prefix) if prefix else self.root
+        if not os.path.isdir(base):
+            return []
+        out: list[str] = []
+        for directory, _, files in os.walk(base):
+            rel = os.path.relpath(directory, self.root)
+            out.extend(name if rel == "." else f"{rel}/{name}" for name in files)
+        return sorted(out)
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(self._resolve(path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error("delete", self.describe(path), exc) from exc
+
+    def delete_prefix(self, prefix: str) -> None:
+        target = self._resolve(prefix)
+        if os.path.islink(target):
+            os.unlink(target)
+            return
+        shutil.rmtree(target, ignore_errors=True)
+
+    def child(self, prefix: str) -> LocalStorage:
+        return LocalStorage(self._resolve(prefix))
+
+    def ensure_root(self) -> None:
+        try:
+            makedirs_durable(self.root)
+        except OSError as exc:
+            raise _storage_error("create", self.root, exc) from exc
