@@ -1,0 +1,115 @@
+"""One conformance suite for every Storage backend, plus a full save/load through memory://."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import unickpt
+from unickpt.storage import LocalStorage, MemoryStorage, Storage, open_storage
+
+
+@pytest.fixture(params=["local", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Iterator[Storage]:
+    if request.param == "local":
+        yield LocalStorage(os.path.join(os.fspath(tmp_path), "root"))
+    else:
+        yield MemoryStorage(f"test-{uuid.uuid4().hex}")
+
+
+def test_stream_write_then_ranged_read(storage: Storage) -> None:
+    with storage.open_writer("data/a.bin") as writer:
+        writer.write(b"hello ")
+        writer.write(memoryview(b"world"))
+    assert storage.exists("data/a.bin")
+    with storage.open_reader("data/a.bin") as reader:
+        assert reader.size() == 11
+        assert bytes(reader.read(6, 5)) == b"world"
+        out = bytearray(3)
+        reader.read_into(2, memoryview(out))
+        assert out == b"llo"
+
+
+def test_aborted_write_is_invisible(storage: Storage) -> None:
+    writer = storage.open_writer("data/b.bin")
+    writer.write(b"partial")
+    writer.abort()
+    assert not storage.exists("data/b.bin")
+    assert storage.list() == []
+
+
+def test_reading_past_the_end_names_the_file(storage: Storage) -> None:
+    storage.put_atomic("data/c.bin", b"0123")
+    with storage.open_reader("data/c.bin") as reader, pytest.raises(
+        unickpt.CorruptCheckpointError, match=r"data/c\.bin is truncated"
+    ):
+        reader.read(2, 10)
+
+
+def test_missing_file_is_named(storage: Storage) -> None:
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"nothere\.bin is missing"):
+        storage.open_reader("nothere.bin")
+
+
+def test_put_atomic_replaces_whole(storage: Storage) -> None:
+    storage.put_atomic("m.json", b"old")
+    storage.put_atomic("m.json", b"new content")
+    assert storage.read("m.json") == b"new content"
+
+
+def test_list_child_delete(storage: Storage) -> None:
+    for name in ("a/x", "a/y/z", "b/w", "top"):
+        storage.put_atomic(name, name.encode())
+    assert storage.list() == ["a/x", "a/y/z", "b/w", "top"]
+    assert storage.list("a") == ["a/x", "a/y/z"]
+    child = storage.child("a")
+    assert child.list() == ["x", "y/z"]
+    assert child.read("y/z") == b"a/y/z"
+    storage.delete("top")
+    storage.delete("top")  # deleting a missing file is not an error
+    storage.delete_prefix("a")
+    assert storage.list() == ["b/w"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b", ""])
+def test_escaping_paths_are_refused(storage: Storage, bad: str) -> None:
+    with pytest.raises(unickpt.UnsafeCheckpointError):
+        storage.open_reader(bad)
+    with pytest.raises(unickpt.UnsafeCheckpointError):
+        storage.put_atomic(bad, b"x")
+
+
+def test_symlink_out_of_root_is_refused(tmp_path: os.PathLike[str]) -> None:
+    root = os.path.join(os.fspath(tmp_path), "root")
+    outside = os.path.join(os.fspath(tmp_path), "secret")
+    os.makedirs(root)
+    with open(outside, "w") as f:
+        f.write("secret")
+    os.symlink(outside, os.path.join(root, "link"))
+    with pytest.raises(unickpt.UnsafeCheckpointError, match="outside the checkpoint directory"):
+        LocalStorage(root).open_reader("link")
+
+
+def test_open_storage_urls(tmp_path: os.PathLike[str]) -> None:
+    assert isinstance(open_storage(os.fspath(tmp_path)), LocalStorage)
+    assert isinstance(open_storage(f"file://{os.fspath(tmp_path)}"), LocalStorage)
+    assert isinstance(open_storage("memory://ns/prefix"), MemoryStorage)
+    with pytest.raises(unickpt.StorageError, match="unsupported storage URL"):
+        open_storage("gopher://x/y")
+
+
+def test_save_and_load_through_memory_storage() -> None:
+    url = f"memory://{uuid.uuid4().hex}/run/step_1"
+    torch.manual_seed(0)
+    state = {"w": torch.randn(7, 5), "b": torch.arange(3, dtype=torch.int64), "meta": {"k": [1, 2]}}
+    unickpt.save(url, state, step=1)
+    assert unickpt.inspect(url).step == 1
+    unickpt.verify(url)
+    target = {"w": torch.zeros(7, 5), "b": torch.zeros(3, dtype=torch.int64), "meta": {"k": None}}
+    unickpt.load(url, target)
+    assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
+    assert target["meta"] == {"k": [1, 2]}
