@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from unickpt.errors import InvalidStateError
 from unickpt.layout.box import Box
@@ -71,6 +73,40 @@ def local_shard(value: torch.Tensor | ShardedTensor, *, key: str) -> LocalShard:
     return LocalShard(value, tuple(value.shape), Box.full(value.shape))
 
 
+def _placement_order(value: DTensor, key: str) -> list[tuple[int, int]]:
+    """(mesh dim, tensor dim) of each sharding placement, in the order the shards nest.
+
+    Plain ``Shard`` placements nest left to right. FSDP2 over a TP-sharded dimension marks the
+    outer shard ``_StridedShard(split_factor=k)``: the tensor was cut by the later placements
+    first, so the nesting runs right to left — and each rank still holds a single box.
+    """
+    ndim = len(value.shape)
+    order: list[tuple[int, int]] = []
+    strided = False
+    for mesh_dim, placement in enumerate(value.placements):
+        if isinstance(placement, Shard):
+            order.append((mesh_dim, placement.dim % ndim))
+        elif isinstance(placement, _StridedShard):
+            strided = True
+            dim = placement.dim % ndim
+            later = [
+                m
+                for m, p in enumerate(value.placements)
+                if m > mesh_dim and isinstance(p, Shard) and p.dim % ndim == dim
+            ]
+            if placement.split_factor != math.prod(value.device_mesh.size(m) for m in later):
+                raise InvalidStateError(
+                    f"tensor {key!r}: placement {placement} does not describe one box per rank"
+                )
+            order.append((mesh_dim, dim))
+        elif not isinstance(placement, Replicate):
+            raise InvalidStateError(
+                f"tensor {key!r}: DTensor placement {placement} is not supported; "
+                "use Shard(d) or Replicate() (reduce Partial placements before saving)"
+            )
+    return order[::-1] if strided else order
+
+
 def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
     mesh = value.device_mesh
     shape = tuple(int(s) for s in value.shape)
@@ -81,21 +117,14 @@ def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
     if coordinate is None:  # this rank is not in the mesh: it holds nothing
         sizes = [0] * len(shape)
     else:
-        for mesh_dim, placement in enumerate(value.placements):
-            if isinstance(placement, Shard):
-                dim = placement.dim if placement.dim >= 0 else placement.dim + len(shape)
-                # torch.chunk semantics: ceil-sized pieces, the tail possibly short or empty.
-                parts = mesh.size(mesh_dim)
-                piece = -(-sizes[dim] // parts)
-                lo = min(piece * coordinate[mesh_dim], sizes[dim])
-                hi = min(lo + piece, sizes[dim])
-                offsets[dim] += lo
-                sizes[dim] = hi - lo
-            elif not isinstance(placement, Replicate):
-                raise InvalidStateError(
-                    f"tensor {key!r}: DTensor placement {placement} is not supported; "
-                    "use Shard(d) or Replicate() (reduce Partial placements before saving)"
-                )
+        for mesh_dim, dim in _placement_order(value, key):
+            # torch.chunk semantics: ceil-sized pieces, the tail possibly short or empty.
+            parts = mesh.size(mesh_dim)
+            piece = -(-sizes[dim] // parts)
+            lo = min(piece * coordinate[mesh_dim], sizes[dim])
+            hi = min(lo + piece, sizes[dim])
+            offsets[dim] += lo
+            sizes[dim] = hi - lo
     if tuple(local.shape) != tuple(sizes):
         raise InvalidStateError(
             f"tensor {key!r}: DTensor local shape {list(local.shape)} differs from the shard "
