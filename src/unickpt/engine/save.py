@@ -9,6 +9,7 @@ broadcasts the outcome so that every rank returns or raises together.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -159,21 +160,42 @@ def save(
                     f"{storage.url} already holds a committed checkpoint; save to a new path"
                 )
             if comm.rank == 0:
-                storage.ensure_root()
-                storage.put_atomic(
-                    INFLIGHT,
-                    json.dumps(
-                        {
-                            "host": socket.gethostname(),
-                            "pid": os.getpid(),
-                            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                        }
-                    ).encode(),
-                )
+                _mark_inflight(storage)
             digest = layout_digest(metas)
         except Exception as exc:  # reported to the peers, so no rank blocks in a collective
             local_error = exc
+    try:
+        return _plan_write_commit(
+            storage, comm, timer, view, metas, digest, local_error, step, user_metadata
+        )
+    except BaseException:
+        if comm.rank == 0 and local_error is None:  # the save is over: let gc take its debris
+            with contextlib.suppress(Exception):
+                storage.delete(INFLIGHT)
+        raise
 
+
+def _mark_inflight(storage: Storage) -> None:
+    storage.ensure_root()
+    marker = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    }
+    storage.put_atomic(INFLIGHT, json.dumps(marker).encode())
+
+
+def _plan_write_commit(
+    storage: Storage,
+    comm: Comm,
+    timer: PhaseTimer,
+    view: SaveView,
+    metas: list[ShardMeta],
+    digest: str,
+    local_error: Exception | None,
+    step: int | None,
+    user_metadata: dict[str, Any] | None,
+) -> SaveResult:
     with timer("plan"):
         hello = {
             "digest": digest,
@@ -203,7 +225,10 @@ def save(
                 size, chunks = _write_file(storage, file, writes, view, plan)
                 report.update(file=file, size=size, chunks=chunks)
             except Exception as exc:
-                report["error"] = f"rank {comm.rank} writing {storage.describe(file)}: {exc}"
+                report["error"] = (
+                    f"rank {comm.rank} writing {storage.describe(file)}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
 
     with timer("commit"):
         reports = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(report).encode())]
@@ -217,9 +242,11 @@ def save(
                     reports, plan, view, step, user_metadata, comm.world_size
                 )
                 commit_manifest(storage, manifest)
-                _tidy(storage, manifest)
             except Exception as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
+            else:
+                with contextlib.suppress(Exception):  # committed; leftovers are only clutter
+                    _tidy(storage, manifest)
         outcome = comm.broadcast_bytes(outcome.encode()).decode()
         if outcome:
             raise StorageError(f"save to {storage.url} failed, nothing was committed: {outcome}")
@@ -284,8 +311,8 @@ def _build_manifest(
 
 
 def _tidy(storage: Storage, manifest: Manifest) -> None:
-    """Drop what a crashed earlier save to this path left behind, and the in-flight marker."""
-    for name in storage.list(DATA_DIR):
-        if name not in manifest.files:
+    """Drop everything the manifest does not reference: the in-flight marker, and whatever a
+    crashed earlier save to this path left behind (data files, temporary files)."""
+    for name in storage.list():
+        if name != MANIFEST and name not in manifest.files:
             storage.delete(name)
-    storage.delete(INFLIGHT)

@@ -9,6 +9,7 @@ them. The plan depends only on the global layout, so it is cached under that lay
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
     """Deduplicate and balance; raise InvalidStateError if ranks disagree or boxes don't tile."""
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     holders: dict[tuple[str, Box], list[int]] = {}
+    declared: dict[str, list[int]] = {}
     for rank, metas in enumerate(per_rank):
         for meta in metas:
             spec = (meta.dtype, meta.shape)
@@ -82,17 +84,18 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
                     f"tensor {meta.key!r}: ranks disagree on dtype/shape: {seen} vs {spec} "
                     f"(rank {rank})"
                 )
-            if meta.box.volume or not any(meta.shape):
+            declared.setdefault(meta.key, []).append(rank)
+            if meta.box.volume:
                 holders.setdefault((meta.key, meta.box), []).append(rank)
 
     by_key: dict[str, list[Box]] = {key: [] for key in tensors}
     for key, box in holders:
         by_key[key].append(box)
     for key, boxes in by_key.items():
-        _dtype, shape = tensors[key]
-        if 0 in shape:  # empty tensor: one empty chunk, from whoever holds it
-            by_key[key] = boxes[:1] or [Box.full(shape)]
-            holders.setdefault((key, by_key[key][0]), [0])
+        shape = tensors[key][1]
+        if math.prod(shape) == 0:  # an empty tensor: one empty chunk, from any rank that has it
+            by_key[key] = [Box.full(shape)]
+            holders[(key, Box.full(shape))] = declared[key]
             continue
         problem = tiling_problem(boxes, shape)
         if problem:
