@@ -16,8 +16,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Universal checkpoints: inspect, verify and clean them up.",
 )
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: long paths and messages stay on one line in logs instead of being cut at 80 columns.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _size(n: int) -> str:

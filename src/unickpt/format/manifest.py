@@ -233,7 +233,7 @@ def read_manifest(storage: Storage) -> Manifest:
     committed manifest), CorruptCheckpointError/UnsupportedFormatError/UnsafeCheckpointError.
     """
     if not storage.exists(MANIFEST):
-        if storage.list():
+        if storage.root_exists():
             raise IncompleteCheckpointError(
                 f"checkpoint {storage.url} is incomplete: it has no committed {MANIFEST} "
                 "(the save was interrupted or is still running); `unickpt gc` removes it"
@@ -245,7 +245,10 @@ def read_manifest(storage: Storage) -> Manifest:
                 f"manifest {storage.describe(MANIFEST)} is implausibly large"
             )
         text = bytes(reader.read(0, reader.size()))
-    return Manifest.from_json(text, where=storage.describe(MANIFEST))
+    manifest = Manifest.from_json(text, where=storage.describe(MANIFEST))
+    for name in manifest.files:  # symlinks out of the checkpoint are refused before any read
+        storage.check_inside(name)
+    return manifest
 
 
 def commit_manifest(storage: Storage, manifest: Manifest) -> None:

@@ -7,6 +7,7 @@ relative POSIX paths. Implementations must refuse paths that escape the root.
 from __future__ import annotations
 
 import abc
+import builtins
 import posixpath
 from types import TracebackType
 
@@ -17,7 +18,7 @@ def check_relative_path(path: str) -> str:
     """``path`` if it is a safe relative POSIX path inside the root; raises otherwise."""
     if not isinstance(path, str) or not path:
         raise UnsafeCheckpointError(f"path {path!r} is not a non-empty string")
-    if "\\" in path or "\x00" in path or ":" in path.split("/", 1)[0]:
+    if "\\" in path or "\x00" in path:
         raise UnsafeCheckpointError(f"path {path!r} contains a forbidden character")
     if posixpath.isabs(path):
         raise UnsafeCheckpointError(f"path {path!r} is absolute; checkpoint paths must be relative")
@@ -113,8 +114,24 @@ class Storage(abc.ABC):
     def child(self, prefix: str) -> Storage:
         """The storage rooted at ``prefix`` under this root."""
 
+    @abc.abstractmethod
+    def children(self) -> builtins.list[str]:
+        """Names of the sub-namespaces (directories, prefixes) directly under the root."""
+
+    def check_inside(self, path: str) -> None:
+        """Raise UnsafeCheckpointError unless ``path`` stays inside the root (no I/O on data)."""
+        check_relative_path(path)
+
     def ensure_root(self) -> None:  # noqa: B027 - a no-op where there are no directories
         """Create the root if the backend has such a notion (directories); idempotent."""
+
+    def root_exists(self) -> bool:
+        """Whether anything (a file, or an empty directory where those exist) is at the root."""
+        return bool(self.list())
+
+    def remove_if_empty(self, prefix: str) -> bool:
+        """Remove an empty sub-namespace, atomically failing if something appeared in it."""
+        return not self.child(prefix).list()
 
     def read(self, path: str) -> bytes:
         with self.open_reader(path) as reader:

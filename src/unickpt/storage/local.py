@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import os
@@ -141,6 +142,9 @@ class LocalStorage(Storage):
             )
         return full
 
+    def check_inside(self, path: str) -> None:
+        self._resolve(path)
+
     def open_writer(self, path: str) -> Writer:
         return _LocalWriter(self._resolve(path), self.describe(path))
 
@@ -178,6 +182,22 @@ class LocalStorage(Storage):
             os.unlink(target)
             return
         shutil.rmtree(target, ignore_errors=True)
+
+    def children(self) -> builtins.list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        with os.scandir(self.root) as entries:  # symlinked directories are not ours to walk
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+
+    def root_exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def remove_if_empty(self, prefix: str) -> bool:
+        try:
+            os.rmdir(self._resolve(prefix))  # fails, harmlessly, if a saver just wrote into it
+        except OSError:
+            return False
+        return True
 
     def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self._resolve(prefix))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import threading
 
 from unickpt.errors import CorruptCheckpointError
@@ -100,6 +101,9 @@ class MemoryStorage(Storage):
         with _LOCK:
             for key in [k for k in self._files if k.startswith(base)]:
                 del self._files[key]
+
+    def children(self) -> builtins.list[str]:
+        return sorted({name.split("/", 1)[0] for name in self.list() if "/" in name})
 
     def child(self, prefix: str) -> MemoryStorage:
         return MemoryStorage(self._namespace, self._key(prefix))

@@ -63,12 +63,17 @@ def collect_garbage(
     is alive (same host) or, for a saver on another host, younger than ``min_age`` seconds.
     """
     storage = open_storage(root)
-    names = sorted({path.split("/", 1)[0] for path in storage.list() if "/" in path})
     out = []
-    for name in names:
+    for name in storage.children():
         sub = storage.child(name)
         files = sub.list()
         if MANIFEST in files:
+            continue
+        if not files:  # a save that died before writing anything, or a stray empty directory
+            if dry_run:
+                out.append(GcEntry(name, False, "dry run (empty)"))
+            elif storage.remove_if_empty(name):
+                out.append(GcEntry(name, True, "empty"))
             continue
         if INFLIGHT not in files and not any(
             f.endswith(DATA_SUFFIX) or ".tmp-" in f for f in files
