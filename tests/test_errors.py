@@ -1,0 +1,500 @@
+"""Every failure raises its specific CheckpointError subclass, naming the tensor, file or field."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import unickpt
+from unickpt.format.dtypes import torch_dtype
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "model.w": torch.randn(4, 8, generator=g),
+        "model.b": torch.randn(8, generator=g).to(torch.bfloat16),
+        "steps": torch.tensor(12),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def state() -> dict[str, Any]:
+    return {**tensors(), "meta": {"lr": 0.5}}
+
+
+def zeros() -> dict[str, Any]:
+    """A load target for :func:`state`, every tensor zero (so any read into it shows)."""
+    return {**{k: torch.zeros_like(v) for k, v in tensors().items()}, "meta": {"lr": None}}
+
+
+def assert_untouched(target: dict[str, Any]) -> None:
+    for key, value in target.items():
+        if isinstance(value, torch.Tensor):
+            assert not value.any(), f"{key!r} was written although the load was refused"
+
+
+def assert_loads_bit_exact(path: str) -> None:
+    target = zeros()
+    unickpt.load(path, target)
+    for key, expected in tensors().items():
+        assert torch.equal(target[key], expected), f"{path}: {key!r} differs from what was saved"
+    assert target["meta"] == {"lr": 0.5}
+
+
+@pytest.fixture
+def ckpt(ckpt_root: str) -> str:
+    path = os.path.join(ckpt_root, "step_12")
+    unickpt.save(path, state(), step=12)
+    return path
+
+
+def read_with(reader: str, path: str, target: dict[str, Any] | None = None) -> None:
+    """Open ``path`` as ``reader`` ("load" into ``target``, "inspect" or "verify") does."""
+    if reader == "load":
+        unickpt.load(path, zeros() if target is None else target)
+    elif reader == "inspect":
+        unickpt.inspect(path)
+    else:
+        unickpt.verify(path)
+
+
+def data_file(path: str) -> tuple[str, str]:
+    """The only data file of ``path``: its manifest name and its full path."""
+    (name,) = unickpt.inspect(path).files
+    return name, os.path.join(path, name)
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, "manifest.json")) as f:
+        doc: dict[str, Any] = json.load(f)
+    return doc
+
+
+def write_manifest(path: str, doc: dict[str, Any] | bytes) -> None:
+    with open(os.path.join(path, "manifest.json"), "wb") as f:
+        f.write(doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+
+
+# ------------------------------------------------------------------------------ corrupted data
+
+
+def test_flipped_byte_verify_names_tensor_chunk_and_file(ckpt: str) -> None:
+    name, full = data_file(ckpt)
+    chunk = unickpt.inspect(ckpt).tensors["model.w"].chunks[0]
+    with open(full, "r+b") as f:
+        f.seek(chunk.offset + 5)
+        byte = f.read(1)[0]
+        f.seek(chunk.offset + 5)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(unickpt.CorruptCheckpointError, match="checksum mismatch") as exc:
+        unickpt.verify(ckpt)
+    message = str(exc.value)
+    assert "'model.w'" in message, message
+    assert f"chunk {chunk.box}" in message, message
+    assert name in message, message
+    assert "1 problem(s)" in message and "model.b" not in message, f"only model.w: {message}"
+
+
+def test_flipped_byte_load_with_verify_names_tensor_and_file(ckpt: str) -> None:
+    name, full = data_file(ckpt)
+    chunk = unickpt.inspect(ckpt).tensors["model.b"].chunks[0]
+    with open(full, "r+b") as f:
+        f.seek(chunk.offset + chunk.nbytes - 1)
+        byte = f.read(1)[0]
+        f.seek(chunk.offset + chunk.nbytes - 1)
+        f.write(bytes([byte ^ 0x01]))
+    with pytest.raises(unickpt.CorruptCheckpointError, match="checksum mismatch") as exc:
+        unickpt.load(ckpt, zeros(), verify=True)
+    assert "'model.b'" in str(exc.value) and name in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("reader", ["load", "verify"])
+def test_truncated_data_file(ckpt: str, reader: str) -> None:
+    name, full = data_file(ckpt)
+    os.truncate(full, os.path.getsize(full) - 3)
+    with pytest.raises(unickpt.CorruptCheckpointError, match="truncated") as exc:
+        read_with(reader, ckpt)
+    assert name in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("reader", ["load", "verify"])
+def test_deleted_data_file(ckpt: str, reader: str) -> None:
+    name, full = data_file(ckpt)
+    os.remove(full)
+    unickpt.inspect(ckpt)  # the manifest alone is intact
+    with pytest.raises(unickpt.CorruptCheckpointError, match=rf"{re.escape(name)} is missing"):
+        read_with(reader, ckpt)
+
+
+# -------------------------------------------------------------------------- corrupted manifest
+
+
+@pytest.mark.parametrize("reader", ["load", "inspect", "verify"])
+def test_manifest_with_invalid_json(ckpt: str, reader: str) -> None:
+    write_manifest(ckpt, b'{"format": "unickpt", "version": 1, "tensors": {')
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"manifest\.json is not valid JSON"):
+        read_with(reader, ckpt)
+
+
+def _first_chunk(doc: dict[str, Any]) -> dict[str, Any]:
+    chunk: dict[str, Any] = doc["tensors"]["model.w"]["chunks"][0]
+    return chunk
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda d: d.update(step="12"), "step: expected an integer or null"),
+        (lambda d: d.update(files=[]), "files: expected dict, found list"),
+        (lambda d: d.update(writer="me"), "writer: expected dict, found str"),
+        (
+            lambda d: d["tensors"]["model.w"].update(shape="4x8"),
+            "tensors['model.w'].shape: expected list, found str",
+        ),
+        (
+            lambda d: d["tensors"]["model.w"].update(dtype=32),
+            "tensors['model.w'].dtype: expected str, found int",
+        ),
+        (
+            lambda d: _first_chunk(d).update(offset="264"),
+            "tensors['model.w'].chunks[0].offset: expected int, found str",
+        ),
+        (
+            lambda d: _first_chunk(d).update(nbytes=True),
+            "tensors['model.w'].chunks[0].nbytes: expected int, found bool",
+        ),
+        (lambda d: d["tensors"].update(steps=[]), "tensors['steps']: expected an object"),
+    ],
+    ids=["step", "files", "writer", "shape", "dtype", "offset", "nbytes", "tensor"],
+)
+def test_manifest_field_of_wrong_type_is_named(ckpt: str, mutate: Any, fragment: str) -> None:
+    doc = read_manifest(ckpt)
+    mutate(doc)
+    write_manifest(ckpt, doc)
+    with pytest.raises(unickpt.CorruptCheckpointError, match=re.escape(fragment)):
+        unickpt.inspect(ckpt)
+    with pytest.raises(unickpt.CorruptCheckpointError, match=re.escape(fragment)):
+        unickpt.load(ckpt, zeros())
+
+
+@pytest.mark.parametrize(("field", "value"), [("version", 99), ("format", "torch.save")])
+def test_unknown_format_or_version(ckpt: str, field: str, value: object) -> None:
+    doc = read_manifest(ckpt)
+    doc[field] = value
+    write_manifest(ckpt, doc)
+    with pytest.raises(unickpt.UnsupportedFormatError, match=re.escape(repr(value))):
+        unickpt.inspect(ckpt)
+    target = zeros()
+    with pytest.raises(unickpt.UnsupportedFormatError, match=re.escape(repr(value))):
+        unickpt.load(ckpt, target)
+    assert_untouched(target)
+
+
+# ------------------------------------------------------------------------------ path safety
+
+
+def _point_data_at(ckpt: str, new_name: str) -> None:
+    """Rewrite the manifest so that its data file is called ``new_name``."""
+    doc = read_manifest(ckpt)
+    ((old, size),) = doc["files"].items()
+    doc["files"] = {new_name: size}
+    for meta in doc["tensors"].values():
+        for chunk in meta["chunks"]:
+            assert chunk["file"] == old
+            chunk["file"] = new_name
+    write_manifest(ckpt, doc)
+
+
+@pytest.mark.parametrize("reader", ["load", "inspect", "verify"])
+@pytest.mark.parametrize("name", ["../evil.safetensors", "data/../../evil.safetensors"])
+def test_manifest_file_escaping_the_checkpoint_is_refused(
+    ckpt: str, ckpt_root: str, name: str, reader: str
+) -> None:
+    # A valid copy of the data sits at the escaping path: only the refusal stops the read.
+    _, full = data_file(ckpt)
+    shutil.copy(full, os.path.join(ckpt_root, "evil.safetensors"))
+    _point_data_at(ckpt, name)
+    target = zeros()
+    with pytest.raises(unickpt.UnsafeCheckpointError, match=re.escape(f"{name!r} escapes")):
+        read_with(reader, ckpt, target)
+    assert_untouched(target)
+
+
+@pytest.mark.parametrize("outside", ["/etc/passwd", "secret"])
+def test_manifest_file_with_absolute_path_is_refused(
+    ckpt: str, tmp_path: os.PathLike[str], outside: str
+) -> None:
+    secret = f"TOP-SECRET-{uuid.uuid4().hex}"
+    if outside == "secret":
+        outside = os.path.join(os.fspath(tmp_path), "secret.txt")
+        with open(outside, "w") as f:
+            f.write(secret)
+    _point_data_at(ckpt, outside)
+    target = zeros()
+    refusal = re.escape(f"{outside!r} is absolute")
+    with pytest.raises(unickpt.UnsafeCheckpointError, match=refusal) as on_load:
+        unickpt.load(ckpt, target)
+    with pytest.raises(unickpt.UnsafeCheckpointError, match=refusal) as on_verify:
+        unickpt.verify(ckpt)
+    assert secret not in f"{on_load.value} {on_verify.value}", "the outside file was read"
+    assert_untouched(target)
+
+
+@pytest.fixture(params=["file", "data-dir"])
+def symlinked_out(request: pytest.FixtureRequest, ckpt: str, tmp_path: os.PathLike[str]) -> str:
+    """``ckpt`` with its data file (or its data/ directory) a symlink to an identical copy
+    outside the checkpoint, so that following the link would load the right bytes."""
+    name, full = data_file(ckpt)
+    outside = os.path.join(os.fspath(tmp_path), "outside")
+    os.makedirs(outside)
+    if request.param == "file":
+        moved = os.path.join(outside, os.path.basename(name))
+        shutil.move(full, moved)
+        os.symlink(moved, full)
+    else:
+        shutil.move(os.path.join(ckpt, "data"), os.path.join(outside, "data"))
+        os.symlink(os.path.join(outside, "data"), os.path.join(ckpt, "data"))
+    return ckpt
+
+
+def test_symlink_out_of_the_checkpoint_is_refused_by_load(symlinked_out: str) -> None:
+    target = zeros()
+    with pytest.raises(unickpt.UnsafeCheckpointError, match="outside the checkpoint directory"):
+        unickpt.load(symlinked_out, target)
+    assert_untouched(target)
+
+
+def test_symlink_out_of_the_checkpoint_is_refused_by_verify(symlinked_out: str) -> None:
+    with pytest.raises(unickpt.UnsafeCheckpointError, match="outside the checkpoint directory"):
+        unickpt.verify(symlinked_out)
+
+
+def test_manifest_symlinked_out_of_the_checkpoint_is_refused(
+    ckpt: str, tmp_path: os.PathLike[str]
+) -> None:
+    outside = os.path.join(os.fspath(tmp_path), "manifest.json")
+    shutil.move(os.path.join(ckpt, "manifest.json"), outside)
+    os.symlink(outside, os.path.join(ckpt, "manifest.json"))
+    with pytest.raises(unickpt.UnsafeCheckpointError, match=r"'manifest\.json' resolves outside"):
+        unickpt.inspect(ckpt)
+
+
+# ------------------------------------------------------------------------------------ pickle
+
+
+@dataclass
+class Opaque:
+    name: str
+    size: int
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [({"b", "a"}, "set"), (Opaque("x", 3), "Opaque")], ids=["set", "instance"]
+)
+def test_non_json_object_needs_allow_pickle(ckpt_root: str, value: object, kind: str) -> None:
+    path = os.path.join(ckpt_root, "c")
+    with pytest.raises(
+        unickpt.InvalidStateError, match=rf"'extra\.thing' of type {kind} .* allow_pickle=True"
+    ):
+        unickpt.save(path, {**state(), "extra": {"thing": value}})
+    assert not os.path.exists(path), "a refused save must write nothing"
+
+
+def test_pickled_entry_is_refused_without_allow_pickle_on_load(ckpt_root: str) -> None:
+    path = os.path.join(ckpt_root, "c")
+    unickpt.save(path, {**state(), "tags": {"b", "a"}}, allow_pickle=True)
+    assert unickpt.inspect(path).tensors["tags"].encoding == "pickle"
+    target = {**zeros(), "tags": None}
+    with pytest.raises(unickpt.UnsafeCheckpointError, match=r"\['tags'\].*allow_pickle=True"):
+        unickpt.load(path, target)
+    assert target["tags"] is None
+    assert_untouched(target)
+
+
+def test_pickled_entries_round_trip_with_allow_pickle_on_both_sides(ckpt_root: str) -> None:
+    path = os.path.join(ckpt_root, "c")
+    extra = {"tags": {"b", "a"}, "spec": Opaque("x", 3)}
+    unickpt.save(path, {**state(), "extra": extra}, allow_pickle=True)
+    target = {**zeros(), "extra": {"tags": None, "spec": None}}
+    unickpt.load(path, target, allow_pickle=True)
+    assert target["extra"] == extra
+    for key, expected in tensors().items():
+        assert torch.equal(target[key], expected), key
+
+
+# ----------------------------------------------------------------------------- state mismatch
+
+
+def test_strict_load_lists_every_mismatch_in_one_error(ckpt: str) -> None:
+    target = zeros()
+    target["model.w"] = torch.zeros(4, 9)  # shape mismatch
+    target["model.b"] = torch.zeros(8)  # float32, saved as bfloat16
+    del target["steps"]  # unexpected: in the checkpoint only
+    target["extra"] = torch.zeros(2)  # missing: in the state only
+    with pytest.raises(unickpt.StateMismatchError) as exc:
+        unickpt.load(ckpt, target)
+    message = str(exc.value)
+    for line in [
+        "4 problem(s)",
+        "model.w: shape: expected [4, 9], found [4, 8]",
+        "model.b: dtype: expected torch.float32, found bfloat16",
+        "extra: missing from the checkpoint",
+        "steps: in the checkpoint but not in the state",
+    ]:
+        assert line in message, f"{line!r} not in:\n{message}"
+    assert_untouched(target)
+
+
+def test_non_strict_load_skips_missing_and_unexpected_keys(ckpt: str) -> None:
+    target = zeros()
+    target["model.b"] = torch.zeros(8)  # float32: converted from bfloat16 when not strict
+    del target["steps"]
+    target["extra"] = torch.zeros(2)
+    result = unickpt.load(ckpt, target, strict=False)
+    assert (result.missing_keys, result.unexpected_keys) == (["extra"], ["steps"])
+    expected = tensors()
+    assert torch.equal(target["model.w"], expected["model.w"])
+    assert torch.equal(target["model.b"], expected["model.b"].float())
+    assert not target["extra"].any(), "a missing key's tensor must be left alone"
+
+
+def test_non_strict_load_still_refuses_a_shape_mismatch(ckpt: str) -> None:
+    target = zeros()
+    target["model.w"] = torch.zeros(8, 4)
+    del target["steps"]
+    with pytest.raises(unickpt.StateMismatchError) as exc:
+        unickpt.load(ckpt, target, strict=False)
+    message = str(exc.value)
+    assert "1 problem(s)" in message, message
+    assert "model.w: shape: expected [8, 4], found [4, 8]" in message, message
+    assert_untouched(target)
+
+
+# -------------------------------------------------------------------- existence and commit
+
+
+def snapshot(path: str) -> dict[str, bytes]:
+    """Every file under ``path`` and its content."""
+    return {
+        os.path.join(d, f): pathlib.Path(d, f).read_bytes()
+        for d, _, files in os.walk(path)
+        for f in files
+    }
+
+
+def test_save_over_a_committed_checkpoint_is_refused(ckpt: str) -> None:
+    before = snapshot(ckpt)
+    with pytest.raises(unickpt.CheckpointExistsError, match="already holds a committed"):
+        unickpt.save(ckpt, {"other": torch.ones(3)}, step=13)
+    assert snapshot(ckpt) == before, "the refused save changed the committed checkpoint's files"
+    assert_loads_bit_exact(ckpt)
+    assert unickpt.inspect(ckpt).step == 12
+
+
+@pytest.mark.parametrize("reader", ["load", "inspect", "verify"])
+def test_nonexistent_path(ckpt_root: str, reader: str) -> None:
+    path = os.path.join(ckpt_root, "never_saved")
+    with pytest.raises(unickpt.CheckpointNotFoundError, match=re.escape(path)):
+        read_with(reader, path)
+
+
+@pytest.mark.parametrize("reader", ["load", "inspect", "verify"])
+def test_data_without_manifest_is_incomplete(ckpt: str, reader: str) -> None:
+    os.remove(os.path.join(ckpt, "manifest.json"))
+    incomplete = rf"{re.escape(ckpt)} is incomplete: it has no committed manifest\.json"
+    with pytest.raises(unickpt.IncompleteCheckpointError, match=incomplete):
+        read_with(reader, ckpt)
+
+
+def test_every_error_is_a_checkpoint_error() -> None:
+    names = {name for name in unickpt.__all__ if name.endswith("Error")}
+    assert names >= {
+        "CheckpointNotFoundError",
+        "CheckpointExistsError",
+        "IncompleteCheckpointError",
+        "CorruptCheckpointError",
+        "UnsupportedFormatError",
+        "UnsafeCheckpointError",
+        "StateMismatchError",
+        "InvalidStateError",
+        "StorageError",
+    }
+    for name in names:
+        assert issubclass(getattr(unickpt, name), unickpt.CheckpointError), name
+    assert issubclass(unickpt.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(unickpt.CheckpointExistsError, FileExistsError)
+    assert issubclass(unickpt.UnsupportedFormatError, unickpt.CorruptCheckpointError)
+
+
+# --------------------------------------------------------------------------- storage failures
+
+
+def test_unwritable_data_directory(ckpt: str, ckpt_root: str) -> None:
+    path = os.path.join(ckpt_root, "step_13")
+    os.makedirs(path)
+    with open(os.path.join(path, "data"), "w") as f:  # data/ cannot be created
+        f.write("not a directory")
+    with pytest.raises(unickpt.StorageError, match="nothing was committed") as exc:
+        unickpt.save(path, state(), step=13)
+    created = rf"cannot create {re.escape(path)}/data/r00000-\w+\.safetensors: Not a directory"
+    assert re.search(created, str(exc.value)), str(exc.value)
+    with pytest.raises(unickpt.IncompleteCheckpointError):
+        unickpt.inspect(path)
+    assert_loads_bit_exact(ckpt)
+
+
+def test_disk_full_while_writing_data(
+    ckpt: str, ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if ".safetensors.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    path = os.path.join(ckpt_root, "step_13")
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(unickpt.StorageError, match=r"\(disk full\)") as exc:
+        unickpt.save(path, state(), step=13)
+    monkeypatch.undo()
+    written = rf"cannot write {re.escape(path)}/data/r00000-\w+\.safetensors"
+    assert re.search(written, str(exc.value)), str(exc.value)
+    assert os.listdir(os.path.join(path, "data")) == [], "the partial data file was not removed"
+    assert not os.path.exists(os.path.join(path, "manifest.json"))
+    assert_loads_bit_exact(ckpt)
+
+
+# ----------------------------------------------------------------------- safetensors interop
+
+
+def test_data_files_are_standard_safetensors_matching_the_manifest(ckpt: str) -> None:
+    manifest = unickpt.inspect(ckpt)
+    expected = tensors()
+    assert set(manifest.tensors) == set(expected)
+    by_file: dict[str, dict[str, Any]] = {name: {} for name in manifest.files}
+    for key, meta in manifest.tensors.items():
+        for chunk in meta.chunks:
+            by_file[chunk.file][chunk.key] = (key, meta, chunk)
+    for name, chunks in by_file.items():
+        with safe_open(os.path.join(ckpt, name), "pt") as f:
+            assert f.metadata() == {"format": "unickpt", "version": "1"}
+            assert set(f.keys()) == set(chunks), f"{name}: {f.keys()} vs manifest {chunks}"
+            for st_key, (key, meta, chunk) in chunks.items():
+                stored = f.get_tensor(st_key)
+                assert stored.dtype == torch_dtype(meta.dtype), st_key
+                assert tuple(stored.shape) == chunk.sizes, st_key
+                assert torch.equal(stored, expected[key][chunk.box.slices()]), st_key
