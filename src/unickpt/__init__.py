@@ -6,7 +6,7 @@ Save on any parallel layout, load on any other::
     unickpt.load("ckpt/step_100", {"model": model, "optim": optim})   # in place, resharded
 """
 
-from unickpt.engine import LoadResult, SaveResult, load, save
+from unickpt.engine import LoadResult, SaveHandle, SaveResult, before_update, load, save
 from unickpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -34,6 +34,7 @@ __all__ = [
     "InvalidStateError",
     "LoadResult",
     "Manifest",
+    "SaveHandle",
     "SaveResult",
     "ShardedTensor",
     "StateMismatchError",
@@ -41,6 +42,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "VerifyReport",
+    "before_update",
     "collect_garbage",
     "inspect",
     "load",

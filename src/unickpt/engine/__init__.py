@@ -1,6 +1,8 @@
 """Executing plans: streaming shards to storage on save, ranged reads into place on load."""
 
+from unickpt.engine.background import SaveHandle, before_update
 from unickpt.engine.load import LoadResult, load
-from unickpt.engine.save import SaveResult, save
+from unickpt.engine.result import SaveResult
+from unickpt.engine.save import save
 
-__all__ = ["LoadResult", "SaveResult", "load", "save"]
+__all__ = ["LoadResult", "SaveHandle", "SaveResult", "before_update", "load", "save"]

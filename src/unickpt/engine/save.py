@@ -16,14 +16,16 @@ import os
 import pickle
 import socket
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
 import xxhash
 
+from unickpt.engine import background
 from unickpt.engine.buffers import tensor_bytes
 from unickpt.engine.comm import Comm
+from unickpt.engine.result import SaveResult
 from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import dtype_name, itemsize
@@ -47,18 +49,6 @@ from unickpt.telemetry import PhaseTimer
 
 _PLANS = PlanCache()
 DATA_DIR = "data"
-
-
-@dataclass
-class SaveResult:
-    """What one rank's call to :func:`unickpt.save` did."""
-
-    path: str
-    step: int | None
-    bytes_written: int
-    seconds: float
-    plan_cache_hit: bool
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 def _shard_key(key: str, box: Box) -> str:
@@ -124,32 +114,44 @@ def _writer_layout(view: SaveView, world_size: int) -> dict[str, Any]:
     }
 
 
-def save(
+@dataclass
+class PreparedSave:
+    """The caller-side half of a save: the flattened state and what the peers must be told.
+
+    Preparing never raises: a local error is carried to the first collective, so that every
+    rank learns of it and raises together instead of leaving peers blocked.
+    """
+
+    storage: Storage
+    view: SaveView
+    metas: list[ShardMeta]
+    digest: str
+    error: Exception | None
+    step: int | None
+    user_metadata: dict[str, Any] | None
+    timer: PhaseTimer
+
+
+def prepare_save(
     path: str | Storage,
     state: dict[str, Any],
     *,
-    step: int | None = None,
-    user_metadata: dict[str, Any] | None = None,
-    allow_pickle: bool = False,
-) -> SaveResult:
-    """Save ``state`` (every rank calls this with its own shards) as one committed checkpoint.
-
-    Leaves may be tensors, DTensors, :class:`ShardedTensor`s, objects with ``state_dict()``
-    (modules, optimizers, schedulers) or JSON values; anything else needs ``allow_pickle=True``.
-    ``path`` must not hold a committed checkpoint already. Returns once it is committed.
-    """
+    rank: int,
+    step: int | None,
+    user_metadata: dict[str, Any] | None,
+    allow_pickle: bool,
+) -> PreparedSave:
     timer = PhaseTimer()
-    comm = Comm()
     storage = open_storage(path)
-    local_error: Exception | None = None
-    digest = ""
-    metas: list[ShardMeta] = []
+    error: Exception | None = None
     view = SaveView()
+    metas: list[ShardMeta] = []
+    digest = ""
     with timer("collect"):
         try:
             with torch.no_grad():
                 view = collect_for_save(state, allow_pickle=allow_pickle)
-            if comm.rank == 0:
+            if rank == 0:
                 _add_opaque(view)
             metas = [
                 ShardMeta(key, dtype_name(s.local.dtype, key=key), s.global_shape, s.box)
@@ -159,20 +161,105 @@ def save(
                 raise CheckpointExistsError(
                     f"{storage.url} already holds a committed checkpoint; save to a new path"
                 )
-            if comm.rank == 0:
+            if rank == 0:
                 _mark_inflight(storage)
             digest = layout_digest(metas)
-        except Exception as exc:  # reported to the peers, so no rank blocks in a collective
-            local_error = exc
+        except Exception as exc:
+            error = exc
+    return PreparedSave(storage, view, metas, digest, error, step, user_metadata, timer)
+
+
+def finish_save(prepared: PreparedSave, comm: Comm) -> SaveResult:
+    """Plan, write and commit a prepared save (in any thread, over ``comm``'s process group)."""
     try:
-        return _plan_write_commit(
-            storage, comm, timer, view, metas, digest, local_error, step, user_metadata
-        )
+        return _plan_write_commit(prepared, comm)
     except BaseException:
-        if comm.rank == 0 and local_error is None:  # the save is over: let gc take its debris
+        if comm.rank == 0 and prepared.error is None:  # the save is over: gc may take its debris
             with contextlib.suppress(Exception):
-                storage.delete(INFLIGHT)
+                prepared.storage.delete(INFLIGHT)
         raise
+
+
+SaveMode = Literal["sync", "async", "lazy"]
+
+
+@overload
+def save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    mode: Literal["sync"] = ...,
+    step: int | None = ...,
+    user_metadata: dict[str, Any] | None = ...,
+    allow_pickle: bool = ...,
+    if_busy: background.BusyPolicy = ...,
+) -> SaveResult: ...
+
+
+@overload
+def save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    mode: Literal["async", "lazy"],
+    step: int | None = ...,
+    user_metadata: dict[str, Any] | None = ...,
+    allow_pickle: bool = ...,
+    if_busy: background.BusyPolicy = ...,
+) -> background.SaveHandle: ...
+
+
+def save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    mode: SaveMode = "sync",
+    step: int | None = None,
+    user_metadata: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    if_busy: background.BusyPolicy = "wait",
+) -> SaveResult | background.SaveHandle:
+    """Save ``state`` (every rank calls this with its own shards) as one committed checkpoint.
+
+    Leaves may be tensors, DTensors, :class:`ShardedTensor`s, objects with ``state_dict()``
+    (modules, optimizers, schedulers) or JSON values; anything else needs ``allow_pickle=True``.
+    ``path`` must not hold a committed checkpoint already.
+
+    ``mode="sync"`` returns a :class:`SaveResult` once committed. ``"async"`` copies the state
+    into a reused host buffer pool, then returns a :class:`SaveHandle` while writing and commit
+    go on in the background. ``"lazy"`` returns at once and makes that copy in the background
+    too, overlapping the caller's next forward/backward; optimizers in ``state`` get a step
+    pre-hook that blocks until the copy is done (call :func:`before_update` before any other
+    in-place update). One save is in flight per process: ``if_busy`` says whether a new one
+    waits for it or is skipped (every rank makes the same choice; it is logged).
+    """
+    comm = Comm()
+    if not background.admit(if_busy, comm):
+        return background.SaveHandle.skipped_save(str(path))
+    prepared = prepare_save(
+        path,
+        state,
+        rank=comm.rank,
+        step=step,
+        user_metadata=user_metadata,
+        allow_pickle=allow_pickle,
+    )
+    if mode == "sync":
+        return finish_save(prepared, comm)
+    if mode not in ("async", "lazy"):
+        raise ValueError(f"mode must be 'sync', 'async' or 'lazy', not {mode!r}")
+
+    def stage() -> None:
+        with prepared.timer("stage"):
+            prepared.view = background.POOL.stage(prepared.view)
+
+    return background.start(
+        prepared.storage.url,
+        stage,
+        lambda: finish_save(prepared, background.checkpoint_comm()),
+        lazy=mode == "lazy",
+        state=state,
+    )
 
 
 def _mark_inflight(storage: Storage) -> None:
@@ -185,17 +272,10 @@ def _mark_inflight(storage: Storage) -> None:
     storage.put_atomic(INFLIGHT, json.dumps(marker).encode())
 
 
-def _plan_write_commit(
-    storage: Storage,
-    comm: Comm,
-    timer: PhaseTimer,
-    view: SaveView,
-    metas: list[ShardMeta],
-    digest: str,
-    local_error: Exception | None,
-    step: int | None,
-    user_metadata: dict[str, Any] | None,
-) -> SaveResult:
+def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
+    storage, timer, view, metas = prepared.storage, prepared.timer, prepared.view, prepared.metas
+    digest, local_error = prepared.digest, prepared.error
+    step, user_metadata = prepared.step, prepared.user_metadata
     with timer("plan"):
         hello = {
             "digest": digest,

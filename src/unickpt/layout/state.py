@@ -8,6 +8,7 @@ so optimizer state reshards with its parameter; other objects with ``state_dict(
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def collect_for_save(state: dict[str, Any], *, allow_pickle: bool) -> SaveView:
         if is_tensor_leaf(value):
             view.shards[key] = local_shard(value, key=key)
         elif _is_json(value):
-            view.objects[key] = value
+            view.objects[key] = copy.deepcopy(value)  # as of now, whatever the caller does next
         elif allow_pickle:
             view.opaque[key] = value
         else:

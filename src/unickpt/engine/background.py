@@ -1,0 +1,242 @@
+"""Saving without stalling: a reused staging pool, one background save per process, handles.
+
+The consistent copy of the state goes into host buffers that persist across saves (allocated and
+pre-touched once per layout: fresh memory faults in slowly), so extra host memory is bounded by
+one copy of the rank's state and does not grow. Writing and the commit protocol run on a
+background thread over a dedicated gloo process group, so they never interleave with the
+training loop's own collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from unickpt.engine.comm import Comm
+from unickpt.engine.result import SaveResult
+from unickpt.layout.sharded import LocalShard
+from unickpt.layout.state import SaveView
+
+log = logging.getLogger("unickpt")
+
+BusyPolicy = Literal["wait", "skip"]
+
+
+class SaveHandle:
+    """A save in progress: :meth:`staged` once the consistent copy exists, :meth:`wait` once
+    committed (re-raising the background error, if any)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.skipped = False
+        self._staged = threading.Event()
+        self._done = threading.Event()
+        self._result: SaveResult | None = None
+        self._error: BaseException | None = None
+
+    @staticmethod
+    def skipped_save(path: str) -> SaveHandle:
+        """The handle of a save that was not made because another one was in flight."""
+        handle = SaveHandle(path)
+        handle.skipped = True
+        handle._staged.set()
+        handle._done.set()
+        return handle
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def staged(self, timeout: float | None = None) -> bool:
+        """Block until the state has been copied (the caller may then mutate it); False on
+        timeout. Raises the save's error if it failed before or during the copy."""
+        if not self._staged.wait(timeout):
+            return False
+        if self._error is not None and self._done.is_set():
+            raise self._error
+        return True
+
+    def wait(self, timeout: float | None = None) -> SaveResult | None:
+        """Block until committed; the result, or None for a skipped save. Raises on failure."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"save to {self.path} still running after {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _finish(self, result: SaveResult | None, error: BaseException | None) -> None:
+        self._result, self._error = result, error
+        self._staged.set()
+        self._done.set()
+
+    def __repr__(self) -> str:
+        status = (
+            "skipped"
+            if self.skipped
+            else "done"
+            if self.done
+            else "staged"
+            if self._staged.is_set()
+            else "staging"
+        )
+        return f"SaveHandle({self.path!r}, {status})"
+
+
+class StagingPool:
+    """Host buffers, one per tensor key, reused by every save while the layout stays the same."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._buffers.values())
+
+    def _buffer(self, key: str, nbytes: int) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() != nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            buffer.zero_()  # pre-touch now, not in the middle of a later copy
+            self._buffers[key] = buffer
+        return buffer
+
+    def stage(self, view: SaveView) -> SaveView:
+        """A copy of ``view`` whose shards live in the pool's buffers."""
+        staged = SaveView(objects=view.objects, opaque=view.opaque)
+        with torch.no_grad():
+            for key, shard in view.shards.items():
+                local = shard.local
+                buffer = self._buffer(key, local.numel() * local.element_size())
+                copy = buffer.view(local.dtype).view(local.shape)
+                copy.copy_(local.detach())
+                staged.shards[key] = LocalShard(copy, shard.global_shape, shard.box, shard.mesh)
+        for key in set(self._buffers) - set(view.shards):  # the layout changed: free what left
+            del self._buffers[key]
+        return staged
+
+
+POOL = StagingPool()
+_lock = threading.Lock()
+_in_flight: SaveHandle | None = None
+_lazy_pending: SaveHandle | None = None
+_hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_group: tuple[object, dist.ProcessGroup] | None = None
+
+
+def checkpoint_comm() -> Comm:
+    """Collectives for background saves: a gloo group of all ranks, separate from training's."""
+    global _group
+    if not (dist.is_available() and dist.is_initialized()):
+        return Comm()
+    world = dist.group.WORLD
+    if _group is None or _group[0] is not world:
+        raise RuntimeError("checkpoint process group used before start() created it")
+    return Comm(_group[1])
+
+
+def _ensure_group() -> None:
+    """Create the checkpoint group (a collective: every rank reaches this in the same order)."""
+    global _group
+    if dist.is_available() and dist.is_initialized():
+        world = dist.group.WORLD
+        if _group is None or _group[0] is not world:
+            _group = (world, dist.new_group(backend="gloo"))
+
+
+def admit(policy: BusyPolicy, comm: Comm) -> bool:
+    """Whether a new save may start; with one in flight, wait for it or skip, on every rank.
+
+    Processes that never saved in the background (the same on every rank: SPMD) skip the check.
+    """
+    with _lock:
+        previous = _in_flight
+    if previous is None:
+        return True
+    busy = previous is not None and not previous.done
+    if comm.world_size > 1:  # the choice must be the same everywhere, or collectives deadlock
+        busy = any(b == b"1" for b in comm.all_gather_bytes(b"1" if busy else b"0"))
+    if not busy:
+        return True
+    if policy == "skip":
+        log.warning("unickpt: a save is still in flight (%s); skipping this one", previous)
+        return False
+    log.info("unickpt: a save is still in flight (%s); waiting for it", previous)
+    if previous is not None:
+        previous._done.wait()
+    return True
+
+
+def before_update() -> None:
+    """Block until the pending lazy save has copied the state (call before mutating it)."""
+    pending = _lazy_pending
+    if pending is not None:
+        pending._staged.wait()
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    before_update()
+
+
+def _install_hooks(state: object) -> None:
+    def visit(value: object) -> None:
+        if isinstance(value, torch.optim.Optimizer):
+            if value not in _hooked:
+                value.register_step_pre_hook(_step_pre_hook)
+                _hooked.add(value)
+        elif isinstance(value, dict):
+            for child in value.values():
+                visit(child)
+        elif isinstance(value, list | tuple):
+            for child in value:
+                visit(child)
+
+    visit(state)
+
+
+def start(
+    path: str,
+    stage: Callable[[], None],
+    finish: Callable[[], SaveResult],
+    *,
+    lazy: bool,
+    state: object,
+) -> SaveHandle:
+    """Run ``stage`` (here, or in the background when ``lazy``) and then ``finish`` in the
+    background; the returned handle reports both."""
+    global _in_flight, _lazy_pending
+    _ensure_group()
+    handle = SaveHandle(path)
+    if not lazy:
+        try:
+            stage()
+        except BaseException as exc:
+            handle._finish(None, exc)
+            raise
+        handle._staged.set()
+    else:
+        _install_hooks(state)
+
+    def run() -> None:
+        try:
+            if lazy:
+                try:
+                    stage()
+                finally:
+                    handle._staged.set()  # never leave a step hook blocked
+            handle._finish(finish(), None)
+        except BaseException as exc:
+            log.error("unickpt: background save to %s failed: %s", path, exc)
+            handle._finish(None, exc)
+
+    with _lock:
+        _in_flight = handle
+        if lazy:
+            _lazy_pending = handle
+    threading.Thread(target=run, name="unickpt-save", daemon=False).start()
+    return handle

@@ -1,0 +1,182 @@
+"""Async and lazy saves: snapshots as of the call, bounded reused memory, one save in flight."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import psutil
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import unickpt
+from unickpt.engine import background
+
+from dist_harness import run_distributed
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 33), torch.nn.LayerNorm(33)
+    )
+
+
+def _step(model: torch.nn.Module, optim: torch.optim.Optimizer, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    model(torch.randn(16, 64, generator=generator)).square().mean().backward()
+    optim.step()
+    optim.zero_grad()
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+
+
+def _snapshot(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optim.param_groups for p in g["params"]]
+    out = {f"model.{k}": _full(v) for k, v in model.state_dict().items()}
+    for index, entries in optim.state_dict()["state"].items():
+        for key, value in entries.items():
+            out[f"optim.{names[id(params[index])]}.{key}"] = _full(value)
+    return out
+
+
+def _lazy_training(root: str, steps: int, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Train, lazily saving at random steps with random delays; returns the state at each call."""
+    rng = random.Random(seed)
+    model = _model()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for step in range(steps):
+        if rng.random() < 0.3:
+            expected[step] = _snapshot(model, optim)
+            handles.append(
+                unickpt.save(
+                    f"{root}/step_{step:03d}",
+                    {"model": model, "optim": optim, "trainer": {"step": step}},
+                    mode="lazy",
+                    step=step,
+                )
+            )
+        if rng.random() < 0.5:  # let the background copy run ahead, or not, at random
+            torch.randn(200, 200).matmul(torch.randn(200, 200))
+        _step(model, optim, step)
+    for handle in handles:
+        assert handle.wait() is not None
+    return expected
+
+
+def _check_checkpoints(root: str, expected: dict[int, dict[str, torch.Tensor]]) -> None:
+    assert expected, "the random schedule saved nothing"
+    for step, reference in expected.items():
+        model = _model(seed=99)
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        trainer = {"step": -1}
+        unickpt.load(
+            f"{root}/step_{step:03d}", {"model": model, "optim": optim, "trainer": trainer}
+        )
+        loaded = _snapshot(model, optim)
+        assert loaded.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(loaded[key], value), (
+                f"step {step}: {key} is not the state at the call"
+            )
+        assert trainer["step"] == step
+
+
+def test_lazy_saves_capture_the_state_at_the_call(ckpt_root: str) -> None:
+    expected = _lazy_training(ckpt_root, steps=60, seed=1234)
+    _check_checkpoints(ckpt_root, expected)
+
+
+def test_async_returns_staged_and_memory_is_reused(ckpt_root: str) -> None:
+    model = _model()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optim, 0)
+    state_bytes = sum(t.nbytes for t in _snapshot(model, optim).values())
+    process = psutil.Process()
+    rss = []
+    for i in range(24):
+        handle = unickpt.save(f"{ckpt_root}/s{i}", {"model": model, "optim": optim}, mode="async")
+        assert handle.staged(timeout=0), "async save returned before its copy was made"
+        before = _snapshot(model, optim)
+        _step(model, optim, i + 1)  # mutate right away: the staged copy must be unaffected
+        result = handle.wait()
+        assert result is not None and handle.done
+        target_model = _model(seed=5)
+        target_optim = torch.optim.AdamW(target_model.parameters(), lr=1e-2)
+        unickpt.load(result.path, {"model": target_model, "optim": target_optim})
+        after = _snapshot(target_model, target_optim)
+        assert all(torch.equal(after[k], v) for k, v in before.items()), f"save {i} is not exact"
+        assert background.POOL.nbytes <= state_bytes
+        rss.append(process.memory_info().rss)
+    # After warm-up, resident memory stays flat: buffers are reused, not reallocated.
+    assert max(rss[4:]) - rss[4] < 4 * state_bytes + 8 * 2**20, [r >> 20 for r in rss]
+
+
+def test_busy_policy_skip_and_wait(ckpt_root: str, caplog: pytest.LogCaptureFixture) -> None:
+    state = {"w": torch.randn(512, 512)}
+    first = unickpt.save(f"{ckpt_root}/a", state, mode="lazy")
+    with caplog.at_level(logging.INFO, logger="unickpt"):
+        second = unickpt.save(f"{ckpt_root}/b", state, mode="async", if_busy="skip")
+    if not first.done:  # the first was still in flight: the second must have been skipped
+        assert second.skipped and second.wait() is None
+        assert "skipping" in caplog.text
+        assert not os.path.exists(f"{ckpt_root}/b")
+    first.wait()
+    third = unickpt.save(f"{ckpt_root}/c", state, mode="async")
+    fourth = unickpt.save(f"{ckpt_root}/d", state, mode="sync", if_busy="wait")
+    assert third.done, "a save with if_busy='wait' started before the one in flight finished"
+    assert fourth.bytes_written > 0
+    for name in ("a", "c", "d"):
+        unickpt.verify(f"{ckpt_root}/{name}")
+
+
+def test_background_failure_surfaces_on_wait(ckpt_root: str) -> None:
+    path = f"{ckpt_root}/broken"
+    os.makedirs(path)
+    with open(f"{path}/data", "w") as f:  # data/ cannot be created: writing fails
+        f.write("not a directory")
+    handle = unickpt.save(path, {"w": torch.ones(10)}, mode="async")
+    with pytest.raises(unickpt.StorageError, match="nothing was committed"):
+        handle.wait()
+    with pytest.raises(unickpt.IncompleteCheckpointError):
+        unickpt.inspect(path)
+
+
+def _fsdp_lazy(rank: int, world_size: int, root: str) -> dict[int, dict[str, torch.Tensor]]:
+    rng = random.Random(7)
+    model = _model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for step in range(12):
+        if rng.random() < 0.4:
+            expected[step] = _snapshot(model, optim)
+            handles.append(
+                unickpt.save(
+                    f"{root}/step_{step:03d}",
+                    {"model": model, "optim": optim, "trainer": {"step": step}},
+                    mode="lazy",
+                    step=step,
+                )
+            )
+        _step(model, optim, step)  # FSDP all-gathers run while the save's collectives do
+    for handle in handles:
+        handle.wait()
+    return expected
+
+
+def test_lazy_saves_alongside_fsdp2_collectives(ckpt_root: str) -> None:
+    expected = run_distributed(2, _fsdp_lazy, ckpt_root)[0]
+    _check_checkpoints(ckpt_root, expected)
