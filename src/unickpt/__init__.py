@@ -21,6 +21,7 @@ from unickpt.errors import (
 )
 from unickpt.format import Manifest
 from unickpt.layout.sharded import ShardedTensor
+from unickpt.manager import CheckpointInfo, CheckpointManager
 from unickpt.tools import VerifyReport, collect_garbage, inspect, verify
 
 __version__ = "0.1.0"
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",

@@ -1,0 +1,150 @@
+"""CheckpointManager: schedule, retention, latest pointer, restore (incl. RNG), fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.fsdp import fully_shard
+
+import unickpt
+from unickpt import CheckpointManager
+
+from dist_harness import run_distributed
+
+
+def _state(seed: int = 0) -> dict[str, object]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(16, 8)
+    return {
+        "model": model,
+        "optim": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        "loader": {"position": 0},
+    }
+
+
+def _train_step(state: dict[str, object], step: int) -> None:
+    model, optim = state["model"], state["optim"]
+    assert isinstance(model, torch.nn.Module) and isinstance(optim, torch.optim.Optimizer)
+    model(torch.randn(4, 16)).sum().backward()
+    optim.step()
+    optim.zero_grad()
+    state["loader"] = {"position": step + 1}
+
+
+def _steps(manager: CheckpointManager) -> list[int | None]:
+    return [info.step for info in manager.list()]
+
+
+def test_schedule_and_retention(ckpt_root: str) -> None:
+    manager = CheckpointManager(
+        ckpt_root, every_n_steps=2, keep_last=2, keep_every=4, keep_best=("loss", 1), mode="lazy"
+    )
+    state = _state()
+    for step in range(1, 13):
+        _train_step(state, step)
+        loss = 10.0 if step != 6 else 0.5  # step 6 is the best by far
+        manager.maybe_save(step, state, metrics={"loss": loss})
+    manager.close()
+    # last two (10, 12), every 4th (4, 8, 12), best loss (6)
+    assert _steps(manager) == [4, 6, 8, 10, 12]
+    assert manager.latest() == os.path.join(ckpt_root, CheckpointManager.name_for(12))
+    with open(os.path.join(ckpt_root, "latest")) as f:
+        assert f.read() == CheckpointManager.name_for(12)
+    for info in manager.list():
+        unickpt.verify(info.path)
+    assert sorted(os.listdir(ckpt_root)) == sorted(
+        ["latest", *(CheckpointManager.name_for(s) for s in (4, 6, 8, 10, 12))]
+    )
+
+
+def test_restore_resumes_state_and_random_streams(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=3, mode="async")
+    state = _state()
+    for step in range(1, 7):
+        _train_step(state, step)
+        manager.maybe_save(step, state)
+    manager.wait()
+    model = state["model"]
+    assert isinstance(model, torch.nn.Module)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    fresh = _state(seed=7)
+    assert CheckpointManager(ckpt_root).restore(fresh) == 6
+    fresh_model = fresh["model"]
+    assert isinstance(fresh_model, torch.nn.Module)
+    for key, value in fresh_model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert fresh["loader"] == {"position": 7}  # as of the save after step 6
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1])
+    assert draws[2] == again[2]
+
+
+def test_restore_skips_a_corrupt_newest_checkpoint(
+    ckpt_root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+    state = _state()
+    for step in (1, 2):
+        _train_step(state, step)
+        manager.maybe_save(step, state)
+    newest = manager.list()[-1].path
+    (data_file,) = unickpt.inspect(newest).files
+    with open(os.path.join(newest, data_file), "r+b") as f:
+        f.truncate(100)
+    with caplog.at_level(logging.WARNING, logger="unickpt"):
+        assert CheckpointManager(ckpt_root).restore(_state(seed=3)) == 1
+    assert "trying an older one" in caplog.text
+
+
+def test_empty_root_restores_nothing(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root)
+    assert manager.restore(_state()) is None
+    assert manager.latest() is None and manager.list() == []
+
+
+def test_time_based_schedule(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_seconds=0.2, keep_last=10, mode="sync")
+    state = _state()
+    saved = [
+        manager.maybe_save(step, state) is not None for step in range(6) if not time.sleep(0.12)
+    ]
+    assert 2 <= sum(saved) <= 4, saved
+
+
+def _fsdp_run(rank: int, world_size: int, root: str) -> dict[str, torch.Tensor]:
+    state = _state()
+    model = state["model"]
+    assert isinstance(model, torch.nn.Module)
+    fully_shard(model)
+    state["optim"] = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    manager = CheckpointManager(root, every_n_steps=2, keep_last=1, mode="lazy")
+    for step in range(1, 5):
+        torch.manual_seed(step)
+        _train_step(state, step)
+        manager.maybe_save(step, state)
+    manager.close()
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
+def test_manager_across_world_sizes(ckpt_root: str, caplog: pytest.LogCaptureFixture) -> None:
+    reference = run_distributed(2, _fsdp_run, ckpt_root)[0]
+    manager = CheckpointManager(ckpt_root)
+    assert _steps(manager) == [4]
+    assert unickpt.inspect(manager.list()[0].path).tensors["__rng__"].shape[0] == 2
+    state = _state(seed=9)
+    with caplog.at_level(logging.WARNING, logger="unickpt"):
+        assert manager.restore(state) == 4
+    assert "RNG states not restored" in caplog.text
+    model = state["model"]
+    assert isinstance(model, torch.nn.Module)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
