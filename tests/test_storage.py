@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -113,3 +114,21 @@ def test_save_and_load_through_memory_storage() -> None:
     unickpt.load(url, target)
     assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
     assert target["meta"] == {"k": [1, 2]}
+
+
+def test_large_rank_writes_two_concurrent_files(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules["unickpt.engine.save"], "STREAM_MIN_BYTES", 1024)
+    state = {f"t{i}": torch.randn(64 + i, 8) for i in range(7)}
+    path = os.path.join(os.fspath(tmp_path), "ck")
+    result = unickpt.save(path, state)
+    manifest = unickpt.inspect(path)
+    assert len(manifest.files) == 2, manifest.files
+    sizes = sorted(manifest.files.values())
+    assert sizes[1] < 1.5 * sizes[0], f"streams are unbalanced: {sizes}"
+    assert result.bytes_written == sum(sizes)
+    unickpt.verify(path)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    unickpt.load(path, target)
+    assert all(torch.equal(target[k], v) for k, v in state.items())

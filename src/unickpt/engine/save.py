@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -49,6 +50,8 @@ from unickpt.telemetry import PhaseTimer
 
 _PLANS = PlanCache()
 DATA_DIR = "data"
+WRITE_STREAMS = 2  # concurrent files per rank: disks here sustain ~1.5-2x more with two
+STREAM_MIN_BYTES = 64 * 1024 * 1024  # below this, a second stream is only another file
 
 
 def _shard_key(key: str, box: Box) -> str:
@@ -91,6 +94,50 @@ def _write_file(
             )
             writer.write(data)
     return offsets[-1] + entries[-1].nbytes if entries else len(header), records
+
+
+def _streams(writes: list[tuple[str, Box]], plan: SavePlan) -> list[list[tuple[str, Box]]]:
+    """This rank's boxes dealt into files of near-equal size (largest first): as many as
+    WRITE_STREAMS, each carrying at least STREAM_MIN_BYTES."""
+    size = {key: itemsize(dtype) for key, (dtype, _) in plan.tensors.items()}
+    total = sum(box.volume * size[key] for key, box in writes)
+    count = max(1, min(WRITE_STREAMS, total // STREAM_MIN_BYTES))
+    streams: list[list[tuple[str, Box]]] = [[] for _ in range(count)]
+    load = [0] * count
+    for key, box in sorted(writes, key=lambda w: -w[1].volume * size[w[0]]):
+        lightest = load.index(min(load))
+        streams[lightest].append((key, box))
+        load[lightest] += box.volume * size[key]
+    return [sorted(s, key=lambda w: (w[0], w[1].offsets)) for s in streams if s]
+
+
+def _write_streams(
+    storage: Storage, rank: int, uid: str, plan: SavePlan, view: SaveView
+) -> dict[str, Any]:
+    """Write this rank's boxes as concurrent file streams."""
+    report: dict[str, Any] = {"files": {}, "chunks": [], "error": None}
+    streams = _streams(plan.writes[rank], plan)
+
+    def write(index: int) -> tuple[str, int, list[dict[str, Any]]]:
+        file = f"{DATA_DIR}/r{rank:05d}-{uid}-{index}.safetensors"
+        try:
+            return (file, *_write_file(storage, file, streams[index], view, plan))
+        except Exception as exc:
+            raise StorageError(
+                f"rank {rank} writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    with ThreadPoolExecutor(max(1, len(streams))) as pool:
+        futures = [pool.submit(write, i) for i in range(len(streams))]
+        for future in futures:
+            try:
+                file, size, chunks = future.result()
+            except StorageError as exc:
+                report["error"] = str(exc)
+                continue
+            report["files"][file] = size
+            report["chunks"] += chunks
+    return report
 
 
 def _add_opaque(view: SaveView) -> None:
@@ -297,18 +344,7 @@ def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
             _PLANS.put(global_digest, plan)
 
     with timer("write"):
-        writes = plan.writes[comm.rank]
-        report: dict[str, Any] = {"file": None, "size": 0, "chunks": [], "error": None}
-        if writes:
-            file = f"{DATA_DIR}/r{comm.rank:05d}-{uid}.safetensors"
-            try:
-                size, chunks = _write_file(storage, file, writes, view, plan)
-                report.update(file=file, size=size, chunks=chunks)
-            except Exception as exc:
-                report["error"] = (
-                    f"rank {comm.rank} writing {storage.describe(file)}: "
-                    f"{type(exc).__name__}: {exc}"
-                )
+        report = _write_streams(storage, comm.rank, uid, plan, view)
 
     with timer("commit"):
         reports = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(report).encode())]
@@ -330,7 +366,8 @@ def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
         outcome = comm.broadcast_bytes(outcome.encode()).decode()
         if outcome:
             raise StorageError(f"save to {storage.url} failed, nothing was committed: {outcome}")
-    return SaveResult(str(storage.url), step, report["size"], timer.total, cache_hit, timer.phases)
+    written = sum(report["files"].values())
+    return SaveResult(str(storage.url), step, written, timer.total, cache_hit, timer.phases)
 
 
 def _raise_first_failure(
@@ -354,8 +391,7 @@ def _build_manifest(
     chunks: dict[str, list[Chunk]] = {key: [] for key in plan.tensors}
     files: dict[str, int] = {}
     for report in reports:
-        if report["file"]:
-            files[report["file"]] = report["size"]
+        files.update(report["files"])
         for c in report["chunks"]:
             chunks[c["key"]].append(
                 Chunk(
