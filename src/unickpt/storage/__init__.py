@@ -1,16 +1,21 @@
-"""Where checkpoints live: a small interface and its local-filesystem and in-memory backends."""
+"""Where checkpoints live: a small interface and its local-filesystem, in-memory and S3 backends."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from unickpt.errors import StorageError
 from unickpt.storage.base import Reader, Storage, Writer, check_relative_path
 from unickpt.storage.local import LocalStorage
 from unickpt.storage.memory import MemoryStorage
+from unickpt.storage.s3 import S3Storage
 
 __all__ = [
     "LocalStorage",
     "MemoryStorage",
     "Reader",
+    "S3Storage",
     "Storage",
     "Writer",
     "check_relative_path",
@@ -18,11 +23,19 @@ __all__ = [
 ]
 
 
-def open_storage(url: str | Storage) -> Storage:
-    """The storage rooted at ``url``: a local path, ``file://PATH`` or ``memory://NAME/PREFIX``."""
+def open_storage(url: str | Storage, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage rooted at ``url``: a local path, ``file://PATH``, ``memory://NAME/PREFIX`` or
+    ``s3://BUCKET/PREFIX``. ``storage_options`` configure the S3 backend (endpoint, credentials,
+    part size...; see :mod:`unickpt.storage.s3`); other backends take none."""
     if isinstance(url, Storage):
+        if storage_options:
+            raise StorageError("storage_options apply to a URL, not to an already open Storage")
         return url
     url = str(url)
+    if url.startswith("s3://"):
+        return S3Storage(url, storage_options)
+    if storage_options:
+        raise StorageError(f"storage_options are only understood for s3:// URLs, not {url!r}")
     if url.startswith("memory://"):
         namespace, _, prefix = url[len("memory://") :].partition("/")
         return MemoryStorage(namespace, prefix)
@@ -30,6 +43,6 @@ def open_storage(url: str | Storage) -> Storage:
         return LocalStorage(url[len("file://") :])
     if "://" in url:
         raise StorageError(
-            f"unsupported storage URL {url!r}: use a local path, file:// or memory://"
+            f"unsupported storage URL {url!r}: use a local path, file://, memory:// or s3://"
         )
     return LocalStorage(url)

@@ -1,0 +1,156 @@
+"""Test plumbing for the S3 backend: a real moto S3 server over HTTP, and a TCP proxy in front of
+it that can simulate the endpoint going down (and coming back) while the server keeps its data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from dist_harness import free_port
+
+
+class MotoServer:
+    """``python -m moto.server`` on 127.0.0.1 and a free port, in a subprocess."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+        # moto logs every request: a pipe nobody reads would fill up and block it
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"moto server exited: {self._log.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1.0):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server on {self.endpoint} did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        self._log.close()
+
+
+class OutageProxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port``. :meth:`cut` takes the endpoint down the way
+    a crashed server would (live connections reset, new ones refused); :meth:`restore` brings it
+    back on the same port. :meth:`cut_after` arms a cut once that many more bytes went upstream.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.tripped = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._budget: int | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        with self._lock:
+            self._listener = listener
+            self._budget = None
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut_after(self, nbytes: int) -> None:
+        with self._lock:
+            self._budget = nbytes
+        self.tripped.clear()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._connections = self._connections, set()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in connections:  # wakes the pumps, which close them with a reset
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RDWR)
+        self.tripped.set()
+
+    def close(self) -> None:
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._connections |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if upstream and self._spend(len(data)):
+                    self.cut()
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:  # each pump closes its source; the other one's recv then ends too
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._connections.discard(source)
+            source.close()
+
+    def _spend(self, nbytes: int) -> bool:
+        """Count bytes going upstream; True when the armed budget is exhausted."""
+        with self._lock:
+            if self._budget is None:
+                return False
+            self._budget -= nbytes
+            return self._budget <= 0

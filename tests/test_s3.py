@@ -1,0 +1,411 @@
+"""The S3 backend against a real moto S3 server over HTTP (a subprocess on 127.0.0.1).
+
+The storage conformance suite of ``test_storage.py`` runs here against S3; then multipart
+writes, full save/load/verify/inspect/gc through ``s3://`` URLs (with multi-part data files),
+a world 1 -> world 2 reshard, an endpoint outage in the middle of an upload, and unreachable or
+silent endpoints. Nothing is mocked in-process: every request goes over the network to moto.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+import test_storage
+import torch
+from s3_server import MotoServer, OutageProxy
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import unickpt
+from unickpt.storage import LocalStorage, S3Storage, Storage, open_storage, s3
+
+from dist_harness import free_port, run_distributed
+
+BUCKET = "unickpt-test"
+PART = s3.MIN_PART_SIZE  # 5 MiB, the smallest S3 allows; files above it are multipart uploads
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Configuration through the environment, as a training job would set it (unickpt.save and
+    unickpt.load take a URL only), isolated from any real AWS configuration on the machine."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "UNICKPT_S3_PART_SIZE": "5MiB",
+        "UNICKPT_S3_MAX_ATTEMPTS": "2",
+        "UNICKPT_S3_TRANSFER_RETRIES": "1",
+        "UNICKPT_S3_RETRY_BACKOFF": "0.05",
+        "UNICKPT_S3_CONNECT_TIMEOUT": "2",
+        "UNICKPT_S3_READ_TIMEOUT": "20",
+    }
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def env(moto: MotoServer) -> Iterator[dict[str, str]]:
+    """The S3 environment for this module's tests, with the bucket created."""
+    values = s3_env(moto.endpoint)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        for name, value in values.items():
+            patch.setenv(name, value)
+        boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
+        yield values
+
+
+@pytest.fixture(scope="module")
+def raw(env: dict[str, str]) -> Any:
+    """A plain boto3 client on the moto server, to look behind the backend's back."""
+    return boto3.session.Session().client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+
+
+def fresh(name: str = "t") -> str:
+    return f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def storage(env: dict[str, str]) -> S3Storage:
+    return S3Storage(fresh())
+
+
+# The backend conformance suite: every test of test_storage.py that takes a ``storage`` runs here
+# too, against the S3Storage fixture above.
+for _name, _test in vars(test_storage).items():
+    if _name.startswith("test_") and "storage" in inspect.signature(_test).parameters:
+        globals()[_name] = _test
+
+
+def pending_uploads(raw: Any, prefix: str) -> list[str]:
+    return [
+        u["Key"]
+        for u in raw.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+        if u["Key"].startswith(prefix)
+    ]
+
+
+def test_url_options_and_open_storage(env: dict[str, str], tmp_path: os.PathLike[str]) -> None:
+    storage = open_storage(f"s3://{BUCKET}/a/b/", {"part_size": "6MiB", "upload_threads": 3})
+    assert S3Storage(f"s3://{BUCKET}/a", {"part_size": "1g"}).options.part_size == 1 << 30
+    assert isinstance(storage, S3Storage)
+    assert storage.url == f"s3://{BUCKET}/a/b" and storage.describe("x/y") == f"{storage.url}/x/y"
+    assert storage.options.part_size == 6 << 20 and storage.options.upload_threads == 3
+    assert storage.options.max_attempts == 2, "knobs not given come from UNICKPT_S3_*"
+    assert storage.client.meta.endpoint_url == env["AWS_ENDPOINT_URL"]
+    assert storage.child("c").url == f"s3://{BUCKET}/a/b/c"
+    assert S3Storage(BUCKET).url == f"s3://{BUCKET}"
+    with pytest.raises(unickpt.StorageError, match=r"unknown S3 storage option\(s\) \['colour'\]"):
+        S3Storage(f"s3://{BUCKET}/x", {"colour": "blue"})
+    with pytest.raises(unickpt.StorageError, match="part_size must be between 5 MiB and 5 GiB"):
+        S3Storage(f"s3://{BUCKET}/x", {"part_size": 1 << 20})
+    with pytest.raises(unickpt.StorageError, match="names no bucket"):
+        S3Storage("s3:///x")
+    with pytest.raises(unickpt.UnsafeCheckpointError):
+        S3Storage(f"s3://{BUCKET}/a/../b")
+    with pytest.raises(unickpt.StorageError, match="only understood for s3:// URLs"):
+        open_storage(os.fspath(tmp_path), {"part_size": PART})
+    assert isinstance(open_storage(os.fspath(tmp_path), None), LocalStorage)
+
+
+def test_children_root_exists_and_empty_prefixes(storage: S3Storage) -> None:
+    assert not storage.root_exists() and storage.children() == []
+    for name in ("run/step_1/manifest.json", "run/step_2/data/x", "top", "other/y"):
+        storage.put_atomic(name, b"x")
+    assert storage.root_exists()
+    assert storage.children() == ["other", "run"]
+    assert storage.child("run").children() == ["step_1", "step_2"]
+    assert storage.child("run/step_2").children() == ["data"]
+    assert not storage.child("nothing").root_exists()
+    assert storage.remove_if_empty("nothing") and not storage.remove_if_empty("run")
+    with pytest.raises(unickpt.UnsafeCheckpointError):
+        storage.delete_prefix("")  # not a way to wipe the root
+    storage.delete_prefix("run")
+    assert storage.children() == ["other"] and storage.list() == ["other/y", "top"]
+
+
+def test_listing_pages_and_deletion_batches(
+    storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3, "LIST_PAGE", 3)  # S3 pages at 1000 keys; 1000s of keys are slow here
+    monkeypatch.setattr(s3, "DELETE_BATCH", 4)
+    names = [f"many/{i:02d}" for i in range(11)] + [f"many/sub{i}/x" for i in range(5)]
+    for name in names:
+        storage.put_atomic(name, b"")
+    assert storage.list("many") == sorted(names)
+    assert storage.child("many").children() == [f"sub{i}" for i in range(5)]
+    storage.delete_prefix("many")
+    assert storage.list() == []
+
+
+def test_multipart_write_and_ranged_reads(storage: S3Storage, raw: Any) -> None:
+    data = os.urandom(2 * PART + 12345)
+    with storage.open_writer("big.bin") as writer:
+        writer.write(data[:1000])  # buffered
+        writer.write(memoryview(data)[1000 : 1000 + PART + 7])  # fills part 1, starts part 2
+        writer.write(bytearray(data[1000 + PART + 7 :]))
+        assert not storage.exists("big.bin"), "visible only once the upload is completed"
+    head = raw.head_object(Bucket=BUCKET, Key=f"{storage.prefix}/big.bin")
+    assert head["ETag"].strip('"').endswith("-3"), "three parts: 5 MiB, 5 MiB and the rest"
+    assert pending_uploads(raw, storage.prefix) == []
+    with storage.open_reader("big.bin") as reader:
+        assert reader.size() == len(data)
+        for offset, length in [(0, 10), (PART - 5, 10), (2 * PART - 1, 12346), (0, len(data))]:
+            assert bytes(reader.read(offset, length)) == data[offset : offset + length]
+
+
+def test_whole_parts_upload_from_the_callers_memory(storage: S3Storage) -> None:
+    data = bytearray(os.urandom(2 * PART + 3))
+    expected = bytes(data)
+    with storage.open_writer("direct.bin") as writer:
+        writer.write(memoryview(data))  # two parts straight from ``data``, 3 bytes buffered
+        data[:] = bytes(len(data))  # the caller may reuse its memory once write returns
+    assert storage.read("direct.bin") == expected
+
+
+def test_aborted_multipart_upload_leaves_nothing(storage: S3Storage, raw: Any) -> None:
+    with pytest.raises(RuntimeError, match="boom"), storage.open_writer("gone.bin") as writer:
+        writer.write(os.urandom(PART + 1))
+        assert pending_uploads(raw, storage.prefix) != []
+        raise RuntimeError("boom")
+    assert not storage.exists("gone.bin")
+    assert pending_uploads(raw, storage.prefix) == [], "the multipart upload was aborted"
+
+
+def test_empty_and_exactly_one_part_files(storage: S3Storage) -> None:
+    with storage.open_writer("empty") as writer:
+        writer.write(b"")
+    assert storage.exists("empty") and storage.size("empty") == 0
+    data = os.urandom(PART)
+    with storage.open_writer("one") as writer:
+        writer.write(data)
+    assert storage.read("one") == data
+
+
+def test_object_replaced_during_a_read_is_detected(storage: S3Storage) -> None:
+    storage.put_atomic("f.bin", b"a" * 100)
+    with storage.open_reader("f.bin") as reader:
+        assert bytes(reader.read(0, 4)) == b"aaaa"
+        storage.put_atomic("f.bin", b"b" * 100)
+        with pytest.raises(unickpt.CorruptCheckpointError, match="replaced while being read"):
+            reader.read(4, 4)
+
+
+def test_missing_bucket_is_named(env: dict[str, str]) -> None:
+    storage = S3Storage("s3://no-such-bucket-here/x")
+    with pytest.raises(unickpt.StorageError, match="bucket 'no-such-bucket-here' does not exist"):
+        storage.put_atomic("a", b"x")
+
+
+def test_missing_boto3_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(unickpt.StorageError, match=r"pip install 'unickpt\[s3\]'"):
+        S3Storage(f"s3://{BUCKET}/x")
+
+
+def make_state(seed: int, rows: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "embed": torch.randn(rows, 1024, generator=gen),  # rows * 4 KiB
+            "bias": torch.randn(17, generator=gen).to(torch.bfloat16),
+        },
+        "step_count": torch.arange(5, dtype=torch.int64),
+        "meta": {"lr": 0.1, "names": ["a", "b"]},
+    }
+
+
+def zeros_like_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": {k: torch.zeros_like(v) for k, v in state["model"].items()},
+        "step_count": torch.zeros(5, dtype=torch.int64),
+        "meta": {"lr": None, "names": None},
+    }
+
+
+def assert_same(loaded: dict[str, Any], state: dict[str, Any]) -> None:
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value), key
+    assert torch.equal(loaded["step_count"], state["step_count"])
+    assert loaded["meta"] == state["meta"]
+
+
+def test_save_load_verify_inspect_gc(env: dict[str, str], raw: Any) -> None:
+    root = fresh("run")
+    url = f"{root}/step_1"
+    state = make_state(0, rows=3000)  # ~12 MiB: multi-part data files
+    unickpt.save(url, state, step=1)
+    manifest = unickpt.inspect(url)
+    assert manifest.step == 1
+    prefix = url[len(f"s3://{BUCKET}/") :]
+    etags = [raw.head_object(Bucket=BUCKET, Key=f"{prefix}/{f}")["ETag"] for f in manifest.files]
+    assert any("-" in etag for etag in etags), f"no multipart data file: {etags}"
+    report = unickpt.verify(url)
+    assert report is not None
+    loaded = zeros_like_state(state)
+    unickpt.load(url, loaded, verify=True)
+    assert_same(loaded, state)
+    with pytest.raises(unickpt.CheckpointExistsError):
+        unickpt.save(url, state, step=1)
+
+    # gc: an abandoned save (data, no manifest, no in-flight marker) goes, the committed one stays
+    S3Storage(root).put_atomic("step_0/data/r00000-dead.safetensors", b"junk")
+    with pytest.raises(unickpt.IncompleteCheckpointError):
+        unickpt.inspect(f"{root}/step_0")
+    entries = unickpt.collect_garbage(root)
+    assert [(e.name, e.removed) for e in entries] == [("step_0", True)]
+    assert S3Storage(root).children() == ["step_1"]
+    with pytest.raises(unickpt.CheckpointNotFoundError):
+        unickpt.inspect(f"{root}/step_0")
+
+
+RESHARD_SHAPE = (1001, 700)  # odd rows: uneven Shard(0) over two ranks
+
+
+def reshard_expected() -> torch.Tensor:
+    return torch.randn(RESHARD_SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+def load_at_world_2(
+    rank: int, world_size: int, source: str, target: str, env: dict[str, str]
+) -> list[int]:
+    """Load ``source`` (saved at world 1) as Shard(0), check this rank's rows, save to
+    ``target`` from both ranks."""
+    os.environ.update(env)  # forkserver children do not inherit the test's environment changes
+    mesh = DeviceMesh("cpu", list(range(world_size)))
+    state = {"w": distribute_tensor(torch.zeros(RESHARD_SHAPE), mesh, [Shard(0)])}
+    result = unickpt.load(source, state)
+    local = state["w"].to_local()
+    want = torch.chunk(reshard_expected(), world_size, 0)[rank]
+    assert torch.equal(local, want), f"rank {rank}: shard differs"
+    unickpt.save(target, state)
+    return [result.bytes_read, local.numel() * local.element_size()]
+
+
+def test_reshard_world_1_to_world_2_through_s3(env: dict[str, str]) -> None:
+    root = fresh("reshard")
+    source, target = f"{root}/w1", f"{root}/w2"
+    unickpt.save(source, {"w": reshard_expected()})
+    results = run_distributed(2, load_at_world_2, source, target, env, timeout=120)
+    for bytes_read, local_bytes in results:
+        assert bytes_read == local_bytes, "each rank read only its own rows"
+    assert len(unickpt.inspect(target).files) >= 2, "both ranks wrote data files"
+    back = {"w": torch.zeros(RESHARD_SHAPE)}
+    unickpt.load(target, back)
+    assert torch.equal(back["w"], reshard_expected())
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[OutageProxy]:
+    proxy = OutageProxy(moto.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def test_endpoint_outage_mid_upload(
+    env: dict[str, str],
+    moto: MotoServer,
+    proxy: OutageProxy,
+    raw: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The endpoint dies while a data file is being uploaded: the save fails with a clear
+    StorageError, nothing of it becomes visible, the previous checkpoint still loads, and once
+    the endpoint is back the same save succeeds."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)  # unickpt talks through the proxy
+    root = fresh("outage")
+    first, second = make_state(1, rows=64), make_state(2, rows=6000)  # ~24 MiB: 5 parts
+    unickpt.save(f"{root}/step_1", first, step=1)
+
+    proxy.cut_after(8 << 20)  # the server dies after the first part or so arrived
+    started = time.monotonic()
+    with pytest.raises(unickpt.StorageError) as failure:
+        unickpt.save(f"{root}/step_2", second, step=2)
+    elapsed = time.monotonic() - started
+    assert proxy.tripped.is_set()
+    message = str(failure.value)
+    assert f"{root}/step_2" in message and "nothing was committed" in message
+    assert f"S3 endpoint {proxy.endpoint} is unreachable" in message, message
+    assert f"bucket '{BUCKET}'" in message
+    assert elapsed < 30, f"failing took {elapsed:.1f}s"
+
+    # Behind the dead endpoint, the server holds an incomplete upload nobody can see.
+    direct = S3Storage(root, {"endpoint_url": moto.endpoint})
+    prefix = f"{direct.prefix}/step_2/"
+    assert pending_uploads(raw, prefix), "the cut did not land mid multipart upload"
+    assert not direct.exists("step_2/manifest.json")
+    assert not [name for name in direct.list("step_2") if name.endswith(".safetensors")]
+    with pytest.raises(unickpt.IncompleteCheckpointError):
+        unickpt.inspect(direct.child("step_2"))
+    previous = zeros_like_state(first)
+    unickpt.load(direct.child("step_1"), previous)
+    assert_same(previous, first)
+
+    proxy.restore()
+    unickpt.save(f"{root}/step_2", second, step=2)
+    loaded = zeros_like_state(second)
+    unickpt.load(f"{root}/step_2", loaded)
+    assert_same(loaded, second)
+    unickpt.verify(f"{root}/step_2")
+    for key in pending_uploads(raw, prefix):  # what a lifecycle rule would reap
+        for upload in raw.list_multipart_uploads(Bucket=BUCKET, Prefix=key)["Uploads"]:
+            raw.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload["UploadId"])
+
+
+def test_unreachable_endpoint_fails_fast(env: dict[str, str]) -> None:
+    port = free_port()  # nothing listens there
+    storage: Storage = S3Storage(
+        f"s3://{BUCKET}/x",
+        {"endpoint_url": f"http://127.0.0.1:{port}", "connect_timeout": 1, "max_attempts": 2},
+    )
+    started = time.monotonic()
+    pattern = rf"S3 endpoint http://127\.0\.0\.1:{port} is unreachable .*\(bucket '{BUCKET}'\)"
+    with pytest.raises(unickpt.StorageError, match=pattern):
+        unickpt.save(storage, {"w": torch.ones(3)})
+    with pytest.raises(unickpt.StorageError, match=pattern):
+        unickpt.load(storage, {"w": torch.zeros(3)})
+    assert time.monotonic() - started < 10
+
+
+def test_silent_endpoint_times_out(env: dict[str, str]) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        storage = S3Storage(
+            f"s3://{BUCKET}/x",
+            {
+                "endpoint_url": endpoint,
+                "read_timeout": 0.5,
+                "connect_timeout": 0.5,
+                "max_attempts": 1,
+            },
+        )
+        started = time.monotonic()
+        with pytest.raises(unickpt.StorageError, match="is unreachable or not responding"):
+            unickpt.inspect(storage)
+        assert time.monotonic() - started < 10
