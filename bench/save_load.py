@@ -3,7 +3,8 @@
 One run measures, on the same pre-touched GPT-like state (weights + Adam exp_avg/exp_avg_sq, fp32):
 
 * the floor: raw sequential write (os.write + fdatasync) and cold read (readv) of the same
-  bytes as one file, and memcpy (``Tensor.copy_`` between two pre-touched states);
+  bytes, as one file and as two files written/read concurrently, and memcpy (``Tensor.copy_``
+  between two pre-touched states);
 * unickpt.save / unickpt.load, DCP save / load for several FileSystemWriter configs,
   torch.save (+fsync) / torch.load (fresh allocation, and mmap + copy_ into the target);
 * resharding, 1-rank save -> 2-rank load and 2-rank save -> 1-rank load (gloo on CPU, every
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -33,6 +35,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +232,7 @@ def machine_info(ckpt_dir: Path) -> dict[str, Any]:
         "unickpt": getattr(unickpt, "__version__", "?") if unickpt else None,
         "ckpt_dir": str(ckpt_dir),
         "ckpt_dir_free_gb": round(shutil.disk_usage(ckpt_dir).free / GB, 1),
+        "loadavg_1m_at_start": os.getloadavg()[0],
     }
 
 
@@ -241,9 +245,8 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def raw_write(path: Path, tensors: list[torch.Tensor]) -> Extras:
-    path.mkdir()
-    fd = os.open(path / "raw.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def _write_file(file: Path, tensors: list[torch.Tensor]) -> None:
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         for t in tensors:
             view, off = _bytes(t), 0
@@ -252,32 +255,66 @@ def raw_write(path: Path, tensors: list[torch.Tensor]) -> Extras:
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    return {}
 
 
-def raw_read(path: Path, tensors: list[torch.Tensor]) -> Extras:
-    fd = os.open(path / "raw.bin", os.O_RDONLY)
+def _read_file(file: Path, tensors: list[torch.Tensor]) -> None:
+    fd = os.open(file, os.O_RDONLY)
     try:
         for t in tensors:
             view, off = _bytes(t), 0
             while off < len(view):
                 n = os.readv(fd, [view[off : off + IO_CHUNK]])
                 if n == 0:
-                    raise EOFError(path)
+                    raise EOFError(file)
                 off += n
     finally:
         os.close(fd)
+
+
+def _split(tensors: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of about equal bytes, one per file."""
+    total, done = sum(t.nbytes for t in tensors), 0
+    groups: list[list[torch.Tensor]] = [[] for _ in range(parts)]
+    for t in tensors:
+        groups[min(parts - 1, done * parts // total)].append(t)
+        done += t.nbytes
+    return groups
+
+
+def raw_write(path: Path, tensors: list[torch.Tensor], streams: int) -> Extras:
+    """The tensors' bytes as `streams` files, written concurrently, one thread each."""
+    path.mkdir()
+    files = [path / f"raw{i}.bin" for i in range(streams)]
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(_write_file, files, _split(tensors, streams)))
+    return {}
+
+
+def raw_read(path: Path, tensors: list[torch.Tensor], streams: int) -> Extras:
+    files = [path / f"raw{i}.bin" for i in range(streams)]
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(_read_file, files, _split(tensors, streams)))
     return {}
 
 
 def unickpt_save(path: Path, state: State) -> Extras:
     r = unickpt.save(str(path), state)
-    return {"bytes_written": r.bytes_written, "seconds": r.seconds, "cache_hit": r.plan_cache_hit}
+    return {
+        "bytes_written": r.bytes_written,
+        "seconds": r.seconds,
+        "cache_hit": r.plan_cache_hit,
+        "phases": getattr(r, "phases", None),
+    }
 
 
 def unickpt_load(path: Path, state: State) -> Extras:
     r = unickpt.load(str(path), state)
-    return {"bytes_read": r.bytes_read, "bytes_needed": r.bytes_needed, "seconds": r.seconds}
+    return {
+        "bytes_read": r.bytes_read,
+        "bytes_needed": r.bytes_needed,
+        "seconds": r.seconds,
+        "phases": getattr(r, "phases", None),
+    }
 
 
 def dcp_save(path: Path, state: State, config: str = "default") -> Extras:
@@ -318,6 +355,7 @@ class Suite:
     save_op: str
     save: SaveFn
     loads: dict[str, LoadFn]
+    baseline: bool = False  # the raw disk floor rather than a checkpoint format
 
 
 @dataclass
@@ -349,14 +387,7 @@ class Bench:
         return lambda path: (self.target, load(path, self.target_state))
 
     def suites(self) -> list[Suite]:
-        suites = [
-            Suite(
-                "raw",
-                "disk write (os.write+fdatasync)",
-                lambda p: raw_write(p, self.source),
-                {"disk read (readv)": lambda p: (self.target, raw_read(p, self.target))},
-            )
-        ]
+        suites = [self.raw_suite(1), self.raw_suite(2)]
         if unickpt is not None:
             suites.append(
                 Suite(
@@ -388,6 +419,21 @@ class Bench:
         )
         return suites
 
+    def raw_suite(self, streams: int) -> Suite:
+        plural = "s" if streams > 1 else ""
+        return Suite(
+            f"raw{streams}",
+            f"disk write, {streams} stream{plural}",
+            lambda p: raw_write(p, self.source, streams),
+            {
+                f"disk read, {streams} stream{plural}": lambda p: (
+                    self.target,
+                    raw_read(p, self.target, streams),
+                )
+            },
+            baseline=True,
+        )
+
     def torch_load_fresh(self, path: Path) -> tuple[list[torch.Tensor], Extras]:
         return pick(torch.load(path / "state.pt", weights_only=True), self.leaves), {}
 
@@ -397,11 +443,15 @@ class Bench:
             dst.copy_(src)
         return self.target, {}
 
-    def memcpy(self) -> float:
-        start = time.perf_counter()
-        for dst, src in zip(self.target, self.source, strict=True):
-            dst.copy_(src)
-        return time.perf_counter() - start
+    def memcpy(self, passes: int = 3) -> float:
+        """Median seconds of one source -> target copy pass (one pass is short and jittery)."""
+        times = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            for dst, src in zip(self.target, self.source, strict=True):
+                dst.copy_(src)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
 
     def run_suite(self, suite: Suite, path: Path, ops: dict[str, Op], tag: str) -> None:
         """Save once, then cold-load once per load op, each into the zeroed target."""
@@ -439,9 +489,9 @@ def run_main_phase(bench: Bench, repeats: int, work: Path) -> dict[str, Op]:
     suites = bench.suites()
     ops = {"memcpy (copy_)": Op("memcpy (copy_)", "copy")}
     for s in suites:
-        ops[s.save_op] = Op(s.save_op, "write" if s.name == "raw" else "save")
+        ops[s.save_op] = Op(s.save_op, "write" if s.baseline else "save")
         for name in s.loads:
-            ops[name] = Op(name, "read" if s.name == "raw" else "load")
+            ops[name] = Op(name, "read" if s.baseline else "load")
     broken: set[str] = set()
     for rep in range(repeats):
         tag = f"[{rep + 1}/{repeats}]"
@@ -450,13 +500,14 @@ def run_main_phase(bench: Bench, repeats: int, work: Path) -> dict[str, Op]:
         order = suites[rep % len(suites) :] + suites[: rep % len(suites)]  # spread disk noise
         for suite in (s for s in order if s.name not in broken):
             try:
-                bench.run_suite(suite, work / f"r{rep}-{suite.name.replace('=', '')}", ops, tag)
+                path = work / re.sub(r"\W+", "_", f"r{rep}-{suite.name}")
+                bench.run_suite(suite, path, ops, tag)
             except Exception:
                 broken.add(suite.name)
-                err = traceback.format_exc()
-                log(f"{tag} {suite.name} FAILED, skipped from now on:\n{err}")
+                err = _failed(f"{tag} {suite.name} (skipped from now on)")
                 for name in (suite.save_op, *suite.loads):
-                    ops[name].error = ops[name].error or err
+                    if len(ops[name].seconds) <= rep:  # this one failed or never ran
+                        ops[name].error = err
     return ops
 
 
@@ -535,20 +586,25 @@ def _expected(scratch: torch.Tensor, leaf: Leaf, rank: int) -> torch.Tensor:
 def run_reshard(bench: Bench, libs: list[str], work: Path, timeout: float) -> dict[str, Any]:
     """1-rank save -> 2-rank load, and 2-rank save -> 1-rank load (into bench.target)."""
     work.mkdir()
+    report: dict[str, Any] = {"world": WORLD, "errors": {}, "one_to_two": {}, "two_to_one": {}}
+    one_rank = {lib: work / f"{lib}-1rank" for lib in libs}
+    for lib in libs:
+        try:
+            LIB_SAVE[lib](one_rank[lib], bench.source_state)
+        except Exception:
+            report["errors"][f"{lib} 1-rank save"] = _failed(f"reshard: {lib} 1-rank save")
+    libs = [lib for lib in libs if f"{lib} 1-rank save" not in report["errors"]]
     job = ReshardJob(
         leaves=bench.leaves,
         libs=libs,
-        one_rank={lib: str(work / f"{lib}-1rank") for lib in libs},
+        one_rank={lib: str(one_rank[lib]) for lib in libs},
         two_rank={lib: str(work / f"{lib}-2rank") for lib in libs},
         out_dir=str(work),
         cache_method=bench.cache_method,
         port=free_port(),
     )
-    report: dict[str, Any] = {"world": WORLD, "error": None, "one_to_two": {}, "two_to_one": {}}
+    log(f"reshard: 1-rank checkpoints saved; spawning {WORLD} ranks")
     try:
-        for lib in libs:
-            LIB_SAVE[lib](Path(job.one_rank[lib]), bench.source_state)
-        log(f"reshard: 1-rank checkpoints saved; spawning {WORLD} ranks")
         ctx = mp.start_processes(_rank_main, args=(job,), nprocs=WORLD, join=False)
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=5):
@@ -557,8 +613,7 @@ def run_reshard(bench: Bench, libs: list[str], work: Path, timeout: float) -> di
                     proc.terminate()
                 raise TimeoutError(f"ranks still running after {timeout:.0f} s")
     except Exception:
-        report["error"] = traceback.format_exc()
-        log(f"reshard FAILED:\n{report['error']}")
+        report["errors"]["2-rank run"] = _failed("reshard: 2-rank run")
     ranks = [
         json.loads(p.read_text()) if p.exists() else {}
         for p in (work / f"rank{r}.json" for r in range(WORLD))
@@ -567,9 +622,19 @@ def run_reshard(bench: Bench, libs: list[str], work: Path, timeout: float) -> di
         per_rank = [r.get(lib, {}) for r in ranks]
         report["one_to_two"][lib] = per_rank
         if all("save_seconds" in r for r in per_rank):
-            report["two_to_one"][lib] = _load_two_rank(bench, lib, Path(job.two_rank[lib]))
+            try:
+                report["two_to_one"][lib] = _load_two_rank(bench, lib, Path(job.two_rank[lib]))
+            except Exception:
+                report["errors"][f"{lib} 2->1 load"] = _failed(f"reshard: {lib} 2->1 load")
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _failed(what: str) -> str:
+    """The current exception's traceback, also logged."""
+    err = traceback.format_exc()
+    log(f"{what} FAILED:\n{err}")
+    return err
 
 
 def _load_two_rank(bench: Bench, lib: str, path: Path) -> dict[str, Any]:
@@ -578,11 +643,7 @@ def _load_two_rank(bench: Bench, lib: str, path: Path) -> dict[str, Any]:
     drop_cache(bench.cache_method, path)
     before = proc_io()
     start = time.perf_counter()
-    try:
-        extras = LIB_LOAD[lib](path, bench.target_state)
-    except Exception:
-        log(f"reshard {lib} 2->1 load FAILED:\n{traceback.format_exc()}")
-        return {"error": traceback.format_exc()}
+    extras = LIB_LOAD[lib](path, bench.target_state)
     seconds = time.perf_counter() - start
     after = proc_io()
     return {
@@ -622,12 +683,14 @@ def summarize(ops: dict[str, Op], nbytes: int) -> dict[str, Any]:
     dcp_save_op, dcp_save = best("DCP save")
     dcp_load_op, dcp_load = best("DCP load")
     u_save, u_load = rate.get("unickpt.save"), rate.get("unickpt.load")
-    disk_w = rate.get("disk write (os.write+fdatasync)")
-    disk_r = rate.get("disk read (readv)")
+    disk_w_op, disk_w = best("disk write")
+    disk_r_op, disk_r = best("disk read")
     return {
         "gbps": rate,
         "dcp_best_save": {"op": dcp_save_op, "gbps": dcp_save},
         "dcp_best_load": {"op": dcp_load_op, "gbps": dcp_load},
+        "disk_write": {"op": disk_w_op, "gbps": disk_w},
+        "disk_read": {"op": disk_r_op, "gbps": disk_r},
         "unickpt_vs_dcp_save": ratio(u_save, dcp_save),
         "unickpt_vs_dcp_load": ratio(u_load, dcp_load),
         "unickpt_save_vs_disk_write": ratio(u_save, disk_w),
@@ -639,22 +702,21 @@ def summarize(ops: dict[str, Op], nbytes: int) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     m, nbytes = result["model"], result["model"]["state_bytes"]
-    summary = result["summary"]
+    summary, mach = result["summary"], result["machine"]
     lines = [
         f"## save/load benchmark ({result['timestamp']})",
         "",
         f"State: {m['params'] / 1e6:.0f}M params + Adam = {m['tensors']} fp32 tensors, "
         f"{nbytes / GB:.2f} GB (d_model {m['d_model']}, {m['layers']} layers). "
         f"Medians of {result['args']['repeats']} repeats; GB/s = 1e9 B/s of state. "
-        f"Cold loads: page cache dropped with {result['cache_drop_method']}.",
+        f"Cold loads: page cache dropped with {result['cache_drop_method']}. "
+        f"{mach['cores']} cores; 1-min load average {mach['loadavg_1m_at_start']:.1f} at start, "
+        f"{mach['loadavg_1m_at_end']:.1f} at end (above {mach['cores']}: other work competed).",
         "",
-        "| operation | GB/s | seconds | min-max GB/s | vs disk | verified |",
+        "| operation | GB/s | seconds | min-max GB/s | vs best disk | verified |",
         "|---|---:|---:|---:|---:|:---:|",
     ]
-    disk = {
-        "save": summary["gbps"].get("disk write (os.write+fdatasync)"),
-        "load": summary["gbps"].get("disk read (readv)"),
-    }
+    disk = {"save": summary["disk_write"]["gbps"], "load": summary["disk_read"]["gbps"]}
     for name, op in result["ops"].items():
         if op["error"] and not op["seconds"]:
             lines.append(f"| {name} | error | | | | |")
@@ -679,10 +741,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"| {_fmt(u_save, '.2f', 'x')} | >= {save_t}x | {_check(u_save, save_t)} |",
         f"| unickpt load / DCP best load ({summary['dcp_best_load']['op']}), cold "
         f"| {_fmt(u_load, '.2f', 'x')} | >= {load_t}x | {_check(u_load, load_t)} |",
-        f"| unickpt save / disk write | {_fmt(summary['unickpt_save_vs_disk_write'])} | | |",
-        f"| unickpt load / disk read | {_fmt(summary['unickpt_load_vs_disk_read'])} | | |",
-        f"| DCP best save / disk write | {_fmt(summary['dcp_save_vs_disk_write'])} | | |",
-        f"| DCP best load / disk read | {_fmt(summary['dcp_load_vs_disk_read'])} | | |",
+        f"| unickpt save / best disk write ({summary['disk_write']['op']}) "
+        f"| {_fmt(summary['unickpt_save_vs_disk_write'])} | | |",
+        f"| unickpt load / best disk read ({summary['disk_read']['op']}) "
+        f"| {_fmt(summary['unickpt_load_vs_disk_read'])} | | |",
+        f"| DCP best save / best disk write | {_fmt(summary['dcp_save_vs_disk_write'])} | | |",
+        f"| DCP best load / best disk read | {_fmt(summary['dcp_load_vs_disk_read'])} | | |",
     ]
     reshard = result.get("reshard")
     if reshard:
@@ -690,11 +754,14 @@ def markdown(result: dict[str, Any]) -> str:
     if result["unickpt_import_error"]:
         lines += ["", "unickpt not importable; its rows are missing:", "```"]
         lines += [result["unickpt_import_error"].rstrip(), "```"]
-    errors = {n: op["error"] for n, op in result["ops"].items() if op["error"]}
-    if reshard and reshard["error"]:
-        errors["reshard"] = reshard["error"]
-    for name, err in errors.items():
-        lines += ["", f"{name} failed:", "```", err.rstrip(), "```"]
+    failed = [(n, op["error"]) for n, op in result["ops"].items() if op["error"]]
+    if reshard:
+        failed += [(f"reshard: {k}", v) for k, v in reshard["errors"].items()]
+    by_error: dict[str, list[str]] = {}
+    for name, err in failed:
+        by_error.setdefault(err, []).append(name)
+    for err, names in by_error.items():
+        lines += ["", f"{', '.join(names)} failed:", "```", err.rstrip(), "```"]
     return "\n".join(lines)
 
 
@@ -702,8 +769,9 @@ def _reshard_markdown(reshard: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"Resharding (every tensor a DTensor Shard(0) over {reshard['world']} ranks; "
-        "bytes read = /proc/self/io rchar delta around the load; read_bytes = block-device "
-        "reads in the same window):",
+        "read = /proc/self/io rchar delta around the load call in that rank; read_bytes = "
+        "block-device reads in the same window, indicative only: the ranks share one page "
+        "cache, so whichever rank faults a page in first is charged for it, with readahead):",
         "",
         "| lib | direction | rank | needed GB | read GB (rchar) | read / needed | "
         "read_bytes / needed | lib-reported read / needed | load s | target | verified |",
@@ -807,6 +875,7 @@ def main() -> None:
             result["reshard"] = run_reshard(bench, libs, work / "reshard", args.reshard_timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
 
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"save_load-{stamp}.json"

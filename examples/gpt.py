@@ -17,10 +17,10 @@ from torch import nn
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Model shape. The defaults give ~16M parameters, fast enough to train on two CPU cores."""
+    """Model shape. The defaults give ~14M parameters, fast enough to train on two CPU cores."""
 
     vocab_size: int = 4096
-    seq_len: int = 128
+    seq_len: int = 64
     d_model: int = 384
     n_head: int = 6
     n_layer: int = 6
@@ -98,20 +98,27 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def synthetic_batch(cfg: GPTConfig, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+def synthetic_batch(
+    cfg: GPTConfig,
+    step: int,
+    batch_size: int,
+    seed: int = 0,
+    n_phrases: int = 16,
+    phrase_len: int = 8,
+) -> torch.Tensor:
     """The global batch for ``step``: ``(batch_size, seq_len + 1)`` tokens.
 
-    The "language" has 64 fixed random phrases of 8 tokens; each row strings random phrases
-    together. Within a phrase the next token is fully determined, so the loss falls quickly from
-    ln(vocab_size) towards ln(64) / 8. The batch depends only on ``(seed, step)``: every rank, in
-    any world size, sees the same global batch at the same step, which is what makes a resumed run
-    comparable with the original.
+    The "language" has ``n_phrases`` fixed random phrases of ``phrase_len`` tokens; each row
+    strings random phrases together. Inside a phrase the next token is determined, so the loss
+    falls from ln(vocab_size) towards ln(n_phrases) / phrase_len as the model learns them.
+
+    The batch depends only on ``(seed, step)``: every rank, in any world size, sees the same
+    global batch at the same step, which is what makes a resumed run comparable with the original.
     """
-    phrases = torch.randint(
-        cfg.vocab_size, (16, 8), generator=torch.Generator().manual_seed(seed)
-    )
+    phrase_gen = torch.Generator().manual_seed(seed)
+    phrases = torch.randint(cfg.vocab_size, (n_phrases, phrase_len), generator=phrase_gen)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-    n_phrases = cfg.seq_len // 8 + 2
-    rows = phrases[torch.randint(16, (batch_size, n_phrases), generator=gen)].flatten(1)
-    start = torch.randint(8, (1,), generator=gen).item()
+    per_row = cfg.seq_len // phrase_len + 2
+    rows = phrases[torch.randint(n_phrases, (batch_size, per_row), generator=gen)].flatten(1)
+    start = int(torch.randint(phrase_len, (1,), generator=gen))
     return rows[:, start : start + cfg.seq_len + 1]
