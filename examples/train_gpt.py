@@ -5,13 +5,16 @@ Run with no arguments (``make demo``). The script plays out a small resharding s
 Phase 1, world 2
     The script relaunches itself under ``torchrun`` with two CPU ranks (gloo). Each rank builds
     the same GPT, wraps every block and the root with FSDP2 ``fully_shard`` and trains with
-    AdamW, checkpointing every ``CKPT_EVERY`` steps. At the last step the job "crashes" right
-    before the checkpoint is committed: the shards are on disk, the manifest is not.
+    AdamW; a ``unickpt.CheckpointManager`` in lazy mode checkpoints every ``CKPT_EVERY`` steps:
+    the copy of the state overlaps the next forward/backward and the loop only blocks (the
+    "stall") if the optimizer step arrives before the copy is done. At the last step the job
+    "crashes" right before the checkpoint is committed: the shards are on disk, the manifest is
+    not.
 
 Phase 2, world 1
-    This process finds the newest *committed* checkpoint (``unickpt.inspect`` raises
-    ``IncompleteCheckpointError`` for the torn one), builds the same model without FSDP, loads
-    model, optimizer and trainer state into it, and trains on. The steps lost in the crash are
+    ``CheckpointManager.restore`` finds the newest *committed* checkpoint (the torn one has no
+    manifest), and loads model, optimizer and trainer state into the same model built without
+    FSDP, and trains on. The steps lost in the crash are
     replayed on the same data, so their losses can be compared with the ones phase 1 saw.
 
 Checkpoints go to ``out/demo`` (wiped at start); phase 1 hands its losses and save statistics
@@ -59,7 +62,8 @@ class SaveStats:
     step: int
     world: int
     bytes: int  # sum over ranks
-    seconds: float  # slowest rank
+    seconds: float  # slowest rank, background time from the call to the commit
+    stall: float  # slowest rank, time the training loop was blocked by this save
     committed: bool
 
 
@@ -79,7 +83,7 @@ def train_step(model: GPT, optim: torch.optim.Optimizer, tokens: torch.Tensor) -
 
 def checkpoint_path(step: int) -> Path:
     """Where the checkpoint of ``step`` lives."""
-    return ROOT / f"step_{step:06d}"
+    return ROOT / unickpt.CheckpointManager.name_for(step)
 
 
 def log(phase: int, message: str) -> None:
@@ -105,30 +109,55 @@ def phase1_worker() -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optim = make_optimizer(model)
+    manager = unickpt.CheckpointManager(
+        str(ROOT), every_n_steps=CKPT_EVERY, keep_last=3, mode="lazy"
+    )
 
     per_rank = GLOBAL_BATCH // world
     losses: dict[int, float] = {}
-    saves: list[SaveStats] = []
+    handles: dict[int, unickpt.SaveHandle] = {}
+    stalls: dict[int, float] = {}
     for step in range(1, CRASH_STEP + 1):
         tokens = synthetic_batch(CFG, step, GLOBAL_BATCH, SEED)[rank * per_rank :][:per_rank]
-        loss = train_step(model, optim, tokens)
+        loss = model.loss(tokens)
+        loss.backward()
+        blocked = time.perf_counter()
+        manager.before_update()  # what optim.step's pre-hook does: wait for a pending copy
+        if handles:
+            stalls[max(handles)] += time.perf_counter() - blocked
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        loss = loss.detach()
         dist.all_reduce(loss)  # gloo has no AVG: sum, then divide
         losses[step] = loss.item() / world
         if rank == 0 and step % LOG_EVERY == 0:
             log(1, f"step {step:3d}  loss {losses[step]:.4f}")
 
-        if step % CKPT_EVERY == 0:
-            path = checkpoint_path(step)
-            state = {"model": model, "optim": optim, "trainer": {"step": step}}
-            result = unickpt.save(str(path), state, step=step)
-            total = torch.tensor([result.bytes_written], dtype=torch.int64)
-            slowest = torch.tensor([result.seconds], dtype=torch.float64)
-            dist.all_reduce(total)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            committed = step != CRASH_STEP
-            saves.append(SaveStats(step, world, int(total), float(slowest), committed))
-            if rank == 0 and committed:
-                log(1, f"saved {path.name}: {_rate(int(total), float(slowest))}")
+        called = time.perf_counter()
+        handle = manager.maybe_save(
+            step, {"model": model, "optim": optim, "trainer": {"step": step}}
+        )
+        if isinstance(handle, unickpt.SaveHandle):
+            handles[step] = handle
+            stalls[step] = time.perf_counter() - called
+
+    manager.close()
+    saves = []
+    for step, handle in handles.items():
+        result = handle.wait()
+        assert result is not None
+        stats = torch.tensor([result.seconds, stalls[step]], dtype=torch.float64)
+        total = torch.tensor([result.bytes_written], dtype=torch.int64)
+        dist.all_reduce(total)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        committed = step != CRASH_STEP
+        saves.append(SaveStats(step, world, int(total), *stats.tolist(), committed))
+        if rank == 0 and committed:
+            log(
+                1,
+                f"saved step {step}: {_rate(int(total), stats[0].item())}, training "
+                f"stalled {stats[1].item() * 1e3:.1f} ms",
+            )
 
     if rank == 0:
         # unickpt commits a checkpoint by publishing manifest.json last; without it the
@@ -156,32 +185,28 @@ def run_phase1() -> tuple[dict[int, float], list[SaveStats]]:
 # --------------------------------------------------------------------------------------------
 
 
-def newest_committed_checkpoint() -> Path:
-    """The committed checkpoint with the highest step under ``ROOT``."""
-    for path in sorted(ROOT.glob("step_*"), reverse=True):
-        try:
-            manifest = unickpt.inspect(str(path))
-        except unickpt.IncompleteCheckpointError:
-            log(2, f"skipping {path.name}: never committed (no manifest)")
-            continue
-        size = f"{manifest.total_bytes / 1e6:.1f} MB"
-        log(2, f"resuming from {path.name} (step {manifest.step}, {size})")
-        return path
-    raise FileNotFoundError(f"no committed checkpoint under {ROOT}")
-
-
-def run_phase2() -> tuple[dict[int, float], int, unickpt.LoadResult]:
+def run_phase2() -> tuple[dict[int, float], int, tuple[int, float]]:
     """Resume from the newest committed checkpoint and train to ``TOTAL_STEPS``.
 
-    Returns the losses, the step resumed from and the load's result.
+    Returns the losses, the step resumed from and the load's (bytes, seconds).
     """
-    path = newest_committed_checkpoint()
+    manager = unickpt.CheckpointManager(str(ROOT))
+    committed = [info.name for info in manager.list()]
+    log(
+        2,
+        f"committed checkpoints: {committed}; {checkpoint_path(CRASH_STEP).name} has no "
+        "manifest, so it does not exist",
+    )
     model = GPT(CFG)  # fresh random weights: everything that matters comes from the checkpoint
     optim = make_optimizer(model)
     trainer = {"step": 0}
-    result = unickpt.load(str(path), {"model": model, "optim": optim, "trainer": trainer})
-    resumed_from = trainer["step"]
-    log(2, f"loaded {path.name}: {_rate(result.bytes_read, result.seconds)}; trainer {trainer}")
+    started = time.perf_counter()
+    restored = manager.restore({"model": model, "optim": optim, "trainer": trainer})
+    seconds = time.perf_counter() - started
+    assert restored is not None and restored == trainer["step"]
+    resumed_from = restored
+    size = unickpt.inspect(str(checkpoint_path(restored))).total_bytes
+    log(2, f"restored step {restored}: {_rate(size, seconds)}; trainer {trainer}")
 
     losses: dict[int, float] = {}
     for step in range(resumed_from + 1, TOTAL_STEPS + 1):
@@ -189,7 +214,7 @@ def run_phase2() -> tuple[dict[int, float], int, unickpt.LoadResult]:
         losses[step] = train_step(model, optim, tokens).item()
         if step % LOG_EVERY == 0:
             log(2, f"step {step:3d}  loss {losses[step]:.4f}")
-    return losses, resumed_from, result
+    return losses, resumed_from, (size, seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,23 +252,25 @@ def print_loss_chart(
         )
 
 
-def print_io_table(saves: list[SaveStats], load: unickpt.LoadResult, resumed_from: int) -> None:
-    """Checkpoint size and throughput of every save and of the load."""
+def print_io_table(saves: list[SaveStats], load: tuple[int, float], resumed_from: int) -> None:
+    """Checkpoint size, throughput and training stall of every save, and the load."""
     rows = [
         (
-            f"save step {s.step}" + ("" if s.committed else " (uncommitted)"),
+            f"lazy save step {s.step}" + ("" if s.committed else " (crashed)"),
             s.world,
             s.bytes,
             s.seconds,
+            f"{s.stall * 1e3:.1f}",
         )
         for s in saves
     ]
-    rows.append((f"load step {resumed_from}", 1, load.bytes_read, load.seconds))
-    print(f"\n{'operation':<28}{'world':>6}{'bytes':>14}{'MB':>9}{'seconds':>9}{'GB/s':>7}")
-    for name, world, n_bytes, seconds in rows:
+    rows.append((f"restore step {resumed_from}", 1, load[0], load[1], "-"))
+    header = f"{'operation':<28}{'world':>6}{'MB':>9}{'seconds':>9}{'GB/s':>7}{'stall ms':>10}"
+    print("\n" + header)
+    for name, world, n_bytes, seconds, stall in rows:
         print(
-            f"{name:<28}{world:>6}{n_bytes:>14,}{n_bytes / 1e6:>9.1f}{seconds:>9.2f}"
-            f"{n_bytes / 1e9 / seconds:>7.2f}"
+            f"{name:<28}{world:>6}{n_bytes / 1e6:>9.1f}{seconds:>9.2f}"
+            f"{n_bytes / 1e9 / seconds:>7.2f}{stall:>10}"
         )
 
 

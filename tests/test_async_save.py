@@ -46,27 +46,22 @@ def _snapshot(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str,
     return out
 
 
-def _lazy_training(root: str, steps: int, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+def _lazy_training(
+    model: torch.nn.Module, root: str, steps: int, seed: int, save_probability: float
+) -> dict[int, dict[str, torch.Tensor]]:
     """Train, lazily saving at random steps with random delays; returns the state at each call."""
     rng = random.Random(seed)
-    model = _model()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     expected: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
     for step in range(steps):
-        if rng.random() < 0.3:
+        if rng.random() < save_probability:
             expected[step] = _snapshot(model, optim)
-            handles.append(
-                unickpt.save(
-                    f"{root}/step_{step:03d}",
-                    {"model": model, "optim": optim, "trainer": {"step": step}},
-                    mode="lazy",
-                    step=step,
-                )
-            )
+            state = {"model": model, "optim": optim, "trainer": {"step": step}}
+            handles.append(unickpt.save(f"{root}/step_{step:03d}", state, mode="lazy", step=step))
         if rng.random() < 0.5:  # let the background copy run ahead, or not, at random
             torch.randn(200, 200).matmul(torch.randn(200, 200))
-        _step(model, optim, step)
+        _step(model, optim, step)  # with FSDP2, its all-gathers run beside the save's collectives
     for handle in handles:
         assert handle.wait() is not None
     return expected
@@ -91,7 +86,7 @@ def _check_checkpoints(root: str, expected: dict[int, dict[str, torch.Tensor]]) 
 
 
 def test_lazy_saves_capture_the_state_at_the_call(ckpt_root: str) -> None:
-    expected = _lazy_training(ckpt_root, steps=60, seed=1234)
+    expected = _lazy_training(_model(), ckpt_root, steps=60, seed=1234, save_probability=0.3)
     _check_checkpoints(ckpt_root, expected)
 
 
@@ -151,30 +146,12 @@ def test_background_failure_surfaces_on_wait(ckpt_root: str) -> None:
 
 
 def _fsdp_lazy(rank: int, world_size: int, root: str) -> dict[int, dict[str, torch.Tensor]]:
-    rng = random.Random(7)
     model = _model()
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    expected: dict[int, dict[str, torch.Tensor]] = {}
-    handles = []
-    for step in range(12):
-        if rng.random() < 0.4:
-            expected[step] = _snapshot(model, optim)
-            handles.append(
-                unickpt.save(
-                    f"{root}/step_{step:03d}",
-                    {"model": model, "optim": optim, "trainer": {"step": step}},
-                    mode="lazy",
-                    step=step,
-                )
-            )
-        _step(model, optim, step)  # FSDP all-gathers run while the save's collectives do
-    for handle in handles:
-        handle.wait()
-    return expected
+    return _lazy_training(model, root, steps=12, seed=7, save_probability=0.4)
 
 
 def test_lazy_saves_alongside_fsdp2_collectives(ckpt_root: str) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from unickpt.engine.comm import Comm
 from unickpt.engine.result import SaveResult
 from unickpt.layout.sharded import LocalShard
-from unickpt.layout.state import SaveView
+from unickpt.layout.state import SaveView, find_instances
 
 log = logging.getLogger("unickpt")
 
@@ -184,19 +184,10 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
 
 
 def _install_hooks(state: object) -> None:
-    def visit(value: object) -> None:
-        if isinstance(value, torch.optim.Optimizer):
-            if value not in _hooked:
-                value.register_step_pre_hook(_step_pre_hook)
-                _hooked.add(value)
-        elif isinstance(value, dict):
-            for child in value.values():
-                visit(child)
-        elif isinstance(value, list | tuple):
-            for child in value:
-                visit(child)
-
-    visit(state)
+    for optimizer in find_instances(state, torch.optim.Optimizer):
+        if optimizer not in _hooked:
+            optimizer.register_step_pre_hook(_step_pre_hook)
+            _hooked.add(optimizer)
 
 
 def start(

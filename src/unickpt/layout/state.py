@@ -12,7 +12,7 @@ import copy
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -21,6 +21,7 @@ from unickpt.errors import InvalidStateError, StateMismatchError
 from unickpt.layout.sharded import LocalShard, ShardedTensor, is_tensor_leaf, local_shard
 
 SEP = "."
+T = TypeVar("T")
 Setter = Callable[[Any], None]
 
 
@@ -65,22 +66,24 @@ def _children(
         yield (f"{prefix}{SEP}{name}" if prefix else str(name)), child, setter
 
 
+def find_instances(state: object, kind: type[T]) -> Iterator[T]:
+    """Every ``kind`` object in the nested dicts/lists/tuples of ``state`` (not inside them)."""
+    if isinstance(state, kind):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from find_instances(value, kind)
+    elif isinstance(state, list | tuple):
+        for value in state:
+            yield from find_instances(value, kind)
+
+
 def _param_names(state: object) -> dict[int, str]:
     """id(parameter) -> FQN within its module, for every nn.Module in the state."""
     names: dict[int, str] = {}
-
-    def visit(value: object) -> None:
-        if isinstance(value, torch.nn.Module):
-            for fqn, param in value.named_parameters(remove_duplicate=False):
-                names.setdefault(id(param), fqn)
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                visit(v)
-
-    visit(state)
+    for module in find_instances(state, torch.nn.Module):
+        for fqn, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), fqn)
     return names
 
 
