@@ -409,3 +409,29 @@ def test_silent_endpoint_times_out(env: dict[str, str]) -> None:
         with pytest.raises(unickpt.StorageError, match="is unreachable or not responding"):
             unickpt.inspect(storage)
         assert time.monotonic() - started < 10
+
+
+def test_manager_on_s3_with_explicit_storage_options(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the endpoint in the environment, only the explicit options can reach the server.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    options = {
+        "endpoint_url": env["AWS_ENDPOINT_URL"],
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "region_name": "us-east-1",
+    }
+    root = fresh("managed")
+    manager = unickpt.CheckpointManager(
+        root, every_n_steps=1, keep_last=2, mode="lazy", storage_options=options
+    )
+    states = [make_state(seed, rows=64) for seed in range(3)]
+    for step, state in enumerate(states, start=1):
+        manager.maybe_save(step, state)
+    manager.close()
+    assert [info.step for info in manager.list()] == [2, 3]
+    loaded = zeros_like_state(states[-1])
+    assert unickpt.CheckpointManager(root, storage_options=options).restore(loaded) == 3
+    assert_same(loaded, states[-1])
+    unickpt.verify(f"{root}/{unickpt.CheckpointManager.name_for(3)}", storage_options=options)

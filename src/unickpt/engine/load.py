@@ -5,6 +5,7 @@ those byte ranges (straight into the target tensor when the run is contiguous th
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,18 +53,21 @@ def load(
     strict: bool = True,
     verify: bool = False,
     allow_pickle: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoadResult:
     """Fill ``state`` in place from the checkpoint at ``path``, resharding to ``state``'s layout.
 
     ``strict``: any missing or unexpected key, or dtype difference, raises StateMismatchError
     listing them all (shape differences always raise). ``verify``: check every chunk read against
     its checksum. Pickled entries are refused unless ``allow_pickle=True``.
+    ``storage_options`` configure the backend of an ``s3://`` path.
     """
     comm = Comm()
     error: Exception | None = None
     result: LoadResult | None = None
     try:
-        result = _load(path, state, strict=strict, verify=verify, allow_pickle=allow_pickle)
+        storage = open_storage(path, storage_options)
+        result = _load(storage, state, strict=strict, verify=verify, allow_pickle=allow_pickle)
     except Exception as exc:  # reported to the peers before raising, so no rank hangs
         error = exc
     if comm.world_size > 1:  # fail together, so no rank trains on with a half-loaded peer
@@ -115,10 +119,9 @@ def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[
 
 
 def _load(
-    path: str | Storage, state: dict[str, Any], *, strict: bool, verify: bool, allow_pickle: bool
+    storage: Storage, state: dict[str, Any], *, strict: bool, verify: bool, allow_pickle: bool
 ) -> LoadResult:
     timer = PhaseTimer()
-    storage = open_storage(path)
     with timer("manifest"):
         manifest = read_manifest(storage)
         raw = {

@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -187,9 +188,10 @@ def prepare_save(
     step: int | None,
     user_metadata: dict[str, Any] | None,
     allow_pickle: bool,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PreparedSave:
     timer = PhaseTimer()
-    storage = open_storage(path)
+    storage = open_storage(path, storage_options)
     error: Exception | None = None
     view = SaveView()
     metas: list[ShardMeta] = []
@@ -240,6 +242,7 @@ def save(
     user_metadata: dict[str, Any] | None = ...,
     allow_pickle: bool = ...,
     if_busy: background.BusyPolicy = ...,
+    storage_options: Mapping[str, Any] | None = ...,
 ) -> SaveResult: ...
 
 
@@ -253,6 +256,7 @@ def save(
     user_metadata: dict[str, Any] | None = ...,
     allow_pickle: bool = ...,
     if_busy: background.BusyPolicy = ...,
+    storage_options: Mapping[str, Any] | None = ...,
 ) -> background.SaveHandle: ...
 
 
@@ -265,6 +269,7 @@ def save(
     user_metadata: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     if_busy: background.BusyPolicy = "wait",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveResult | background.SaveHandle:
     """Save ``state`` (every rank calls this with its own shards) as one committed checkpoint.
 
@@ -279,6 +284,7 @@ def save(
     pre-hook that blocks until the copy is done (call :func:`before_update` before any other
     in-place update). One save is in flight per process: ``if_busy`` says whether a new one
     waits for it or is skipped (every rank makes the same choice; it is logged).
+    ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
     """
     comm = Comm()
     if not background.admit(if_busy, comm):
@@ -290,6 +296,7 @@ def save(
         step=step,
         user_metadata=user_metadata,
         allow_pickle=allow_pickle,
+        storage_options=storage_options,
     )
     if mode == "sync":
         return finish_save(prepared, comm)

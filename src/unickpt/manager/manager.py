@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,11 +69,13 @@ class CheckpointManager:
         mode: SaveMode = "lazy",
         if_busy: BusyPolicy = "wait",
         save_rng: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError("keep_last must be at least 1 (the newest checkpoint is always kept)")
         self.root = root
-        self._storage = open_storage(root)
+        self._storage = open_storage(root, storage_options)
+        self._options = storage_options
         self.every_n_steps = every_n_steps
         self.every_n_seconds = every_n_seconds
         self.keep_last = keep_last
@@ -124,11 +127,24 @@ class CheckpointManager:
         metadata = {"metrics": dict(metrics or {})}
         path = f"{self.root.rstrip('/')}/{name}"
         if self.mode == "sync":
-            result = save(path, full, step=step, user_metadata=metadata, if_busy=self.if_busy)
+            result = save(
+                path,
+                full,
+                step=step,
+                user_metadata=metadata,
+                if_busy=self.if_busy,
+                storage_options=self._options,
+            )
             self._committed(name)
             return result
         handle = save(
-            path, full, mode=self.mode, step=step, user_metadata=metadata, if_busy=self.if_busy
+            path,
+            full,
+            mode=self.mode,
+            step=step,
+            user_metadata=metadata,
+            if_busy=self.if_busy,
+            storage_options=self._options,
         )
         if not handle.skipped:
             self._pending.append(_Pending(name, step, handle))
@@ -255,7 +271,7 @@ class CheckpointManager:
             rank = self._comm.rank % world
             row = torch.empty((1, length), dtype=torch.int64)
             full[RNG_KEY] = ShardedTensor(row, (world, length), (rank, 0))
-        result = load(info.path, full, strict=strict)
+        result = load(info.path, full, strict=strict, storage_options=self._options)
         if row is not None:
             if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
                 rng.restore(row[0])

@@ -6,7 +6,9 @@ import datetime as _dt
 import json
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from unickpt.format.manifest import INFLIGHT, MANIFEST
 from unickpt.storage import Storage, open_storage
@@ -54,7 +56,11 @@ def _in_progress(sub: Storage, min_age: float) -> str | None:
 
 
 def collect_garbage(
-    root: str | Storage, *, dry_run: bool = False, min_age: float = 3600.0
+    root: str | Storage,
+    *,
+    dry_run: bool = False,
+    min_age: float = 3600.0,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[GcEntry]:
     """Delete the incomplete checkpoints directly under ``root``.
 
@@ -62,7 +68,7 @@ def collect_garbage(
     Committed ones (with a manifest) are never touched. An incomplete one is kept while its saver
     is alive (same host) or, for a saver on another host, younger than ``min_age`` seconds.
     """
-    storage = open_storage(root)
+    storage = open_storage(root, storage_options)
     out = []
     for name in storage.children():
         sub = storage.child(name)

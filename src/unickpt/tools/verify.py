@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from unickpt.errors import CheckpointError, CorruptCheckpointError
 from unickpt.format.checksum import Checksummer
@@ -25,13 +27,15 @@ class VerifyReport:
     bytes_checked: int
 
 
-def verify(path: str | Storage) -> VerifyReport:
+def verify(
+    path: str | Storage, *, storage_options: Mapping[str, Any] | None = None
+) -> VerifyReport:
     """Return normally only if the checkpoint is committed and every byte checks out.
 
     Raises CorruptCheckpointError listing every problem found (tensor, chunk, file), or the
     error of :func:`unickpt.inspect` when the manifest itself is missing or unreadable.
     """
-    storage = open_storage(path)
+    storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)
     by_file: dict[str, list[tuple[str, Chunk]]] = {name: [] for name in manifest.files}
     for key, meta in manifest.tensors.items():
