@@ -6,6 +6,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from unickpt.errors import CheckpointError, IncompleteCheckpointError
@@ -77,10 +78,15 @@ def inspect_cmd(
 @app.command("verify")
 def verify_cmd(path: str) -> None:
     """Check every file and chunk checksum; exit 1 naming each problem."""
-    try:
-        report = verify(path)
-    except CheckpointError as exc:
-        raise _fail(exc) from exc
+    # A bar on a terminal only: logs and CI get the one-line verdict.
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("verifying", total=None)
+        try:
+            report = verify(
+                path, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+        except CheckpointError as exc:
+            raise _fail(exc) from exc
     out.print(
         f"OK: {report.tensors} tensors, {report.chunks} chunks in {report.files} file(s), "
         f"{_size(report.bytes_checked)} checked",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,16 @@ class VerifyReport:
 
 
 def verify(
-    path: str | Storage, *, storage_options: Mapping[str, Any] | None = None
+    path: str | Storage,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Return normally only if the checkpoint is committed and every byte checks out.
 
     Raises CorruptCheckpointError listing every problem found (tensor, chunk, file), or the
     error of :func:`unickpt.inspect` when the manifest itself is missing or unreadable.
+    ``progress(done, total)`` is called with bytes checked so far, e.g. to drive a progress bar.
     """
     storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)
@@ -43,6 +47,7 @@ def verify(
             by_file[chunk.file].append((key, chunk))
     problems: list[str] = []
     checked = 0
+    total = sum(chunk.nbytes for chunks in by_file.values() for _, chunk in chunks)
     for name, chunks in by_file.items():
         where = storage.describe(name)
         try:
@@ -61,6 +66,8 @@ def verify(
                             f"mismatch (bytes [{chunk.offset}, {chunk.offset + chunk.nbytes}))"
                         )
                     checked += chunk.nbytes
+                    if progress is not None:
+                        progress(checked, total)
         except CheckpointError as exc:
             problems.append(str(exc))
     if problems:
