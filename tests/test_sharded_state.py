@@ -1,0 +1,89 @@
+"""Hand-rolled sharding (unickpt.ShardedTensor, stage-local keys) and Stateful objects."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import unickpt
+
+from dist_harness import run_distributed
+
+FULL = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+
+
+def _save_pp_tp(rank: int, world_size: int, path: str) -> None:
+    rows = slice(rank * 5, rank * 5 + 5)  # TP-style row shard of a global (10, 4)
+    state = {
+        "shared": unickpt.ShardedTensor(FULL[rows].clone(), FULL.shape, (rank * 5, 0)),
+        # PP-style: a key only this stage has, and a replicated scalar every rank holds
+        f"stage{rank}": {"w": torch.full((3,), float(rank))},
+        "step": torch.tensor(7),
+    }
+    unickpt.save(path, state, step=7)
+
+
+def _load_uneven(rank: int, world_size: int, path: str) -> list[torch.Tensor]:
+    bounds = [(0, 3), (3, 10)][rank]
+    local = torch.zeros(bounds[1] - bounds[0], 4)
+    state = {
+        "shared": unickpt.ShardedTensor(local, (10, 4), (bounds[0], 0)),
+        f"stage{rank}": {"w": torch.zeros(3)},
+        "step": torch.tensor(0),
+    }
+    result = unickpt.load(path, state, strict=False)
+    assert result.unexpected_keys == [f"stage{1 - rank}.w"]
+    assert result.bytes_read == result.bytes_needed
+    return [local, state[f"stage{rank}"]["w"], state["step"]]
+
+
+def test_sharded_tensor_and_stage_local_keys_across_layouts(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(os.fspath(tmp_path), "ck")
+    run_distributed(2, _save_pp_tp, path)
+    manifest = unickpt.inspect(path)
+    assert len(manifest.tensors["shared"].chunks) == 2
+    assert manifest.writer["world_size"] == 2
+
+    full = {
+        "shared": torch.zeros(10, 4),
+        "stage0": {"w": torch.zeros(3)},
+        "stage1": {"w": torch.zeros(3)},
+        "step": torch.tensor(0),
+    }
+    unickpt.load(path, full)  # world 1: the whole model, every stage
+    assert torch.equal(full["shared"], FULL)
+    assert torch.equal(full["stage1"]["w"], torch.ones(3)) and int(full["step"]) == 7
+
+    uneven = run_distributed(2, _load_uneven, path)
+    assert torch.equal(uneven[0][0], FULL[0:3]) and torch.equal(uneven[1][0], FULL[3:10])
+    assert torch.equal(uneven[1][1], torch.ones(3)) and int(uneven[0][2]) == 7
+
+
+def test_overlapping_sharded_tensors_are_refused(tmp_path: os.PathLike[str]) -> None:
+    with pytest.raises(unickpt.InvalidStateError, match="does not fit in global shape"):
+        unickpt.ShardedTensor(torch.zeros(6, 4), (10, 4), (5, 0))
+    state = {"t": unickpt.ShardedTensor(torch.zeros(5, 4), (10, 4), (0, 0))}
+    with pytest.raises(unickpt.InvalidStateError, match=r"'t'.*do not tile.*gap"):
+        unickpt.save(os.path.join(os.fspath(tmp_path), "ck"), state)
+
+
+def test_scheduler_and_stateful_objects_round_trip(tmp_path: os.PathLike[str]) -> None:
+    model = torch.nn.Linear(3, 3)
+    optim = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optim, step_size=2, gamma=0.5)
+    for _ in range(5):
+        optim.step()
+        scheduler.step()
+    path = os.path.join(os.fspath(tmp_path), "ck")
+    unickpt.save(path, {"model": model, "optim": optim, "sched": scheduler})
+
+    model2 = torch.nn.Linear(3, 3)
+    optim2 = torch.optim.SGD(model2.parameters(), lr=1.0)
+    scheduler2 = torch.optim.lr_scheduler.StepLR(optim2, step_size=2, gamma=0.5)
+    unickpt.load(path, {"model": model2, "optim": optim2, "sched": scheduler2})
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    assert optim2.param_groups[0]["lr"] == optim.param_groups[0]["lr"] == 0.25
+    scheduler.step(), scheduler2.step()
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
