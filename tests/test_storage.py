@@ -35,6 +35,17 @@ def test_stream_write_then_ranged_read(storage: Storage) -> None:
         assert out == b"llo"
 
 
+def test_scatter_read_fills_buffers_in_order(storage: Storage) -> None:
+    payload = bytes(range(256)) * 40
+    storage.put_atomic("data/s.bin", payload)
+    outs = [bytearray(n) for n in (1, 700, 0, 3000, 5)]
+    with storage.open_reader("data/s.bin") as reader:
+        reader.read_into_many(17, [memoryview(o) for o in outs])
+        assert b"".join(outs) == payload[17 : 17 + 3706]
+        with pytest.raises(unickpt.CorruptCheckpointError, match="truncated"):
+            reader.read_into_many(len(payload) - 4, [memoryview(bytearray(8))])
+
+
 def test_aborted_write_is_invisible(storage: Storage) -> None:
     writer = storage.open_writer("data/b.bin")
     writer.write(b"partial")

@@ -30,6 +30,8 @@ from unickpt.storage import Reader, Storage, open_storage
 from unickpt.telemetry import PhaseTimer
 
 READ_THREADS = 4
+BATCH_READS = 256  # buffers per scatter read (IOV_MAX is 1024)
+BATCH_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -162,8 +164,11 @@ def _load(
                         f"the manifest says {manifest.files[name]} (truncated or replaced)"
                     )
             jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))
+            batches = _batches(jobs, verify)
             with ThreadPoolExecutor(READ_THREADS) as pool:
-                read_bytes = sum(pool.map(lambda j: _execute(j, readers, storage, verify), jobs))
+                read_bytes = sum(
+                    pool.map(lambda b: _execute_batch(b, readers, storage, verify), batches)
+                )
         finally:
             for reader in readers.values():
                 reader.close()
@@ -189,30 +194,71 @@ def _load(
     )
 
 
-def _execute(
-    job: tuple[ChunkRead, LocalShard, TensorMeta],
+Job = tuple[ChunkRead, LocalShard, TensorMeta]
+
+
+def _destination(job: Job, verify: bool) -> memoryview | None:
+    """The target's own bytes for this read, when the read lands there unchanged."""
+    read, shard, meta = job
+    dtype = torch_dtype(meta.dtype)
+    target = shard.local
+    exact = len(read.ranges) == 1 and read.buffer_nbytes == read.inter.volume * dtype.itemsize
+    if not exact or verify or target.dtype != dtype or target.device.type != "cpu":
+        return None
+    if not target.is_contiguous():
+        return None
+    start = contiguous_destination(shard.box.sizes, read.inter.relative_to(shard.box))
+    if start is None:
+        return None
+    return byte_view(target.detach().reshape(-1)[start : start + read.inter.volume])
+
+
+def _batches(jobs: list[Job], verify: bool) -> list[list[tuple[Job, memoryview | None]]]:
+    """Group reads that are back to back in one file and land straight in their targets, so
+    each group is one large scatter read instead of many small ones."""
+    batches: list[list[tuple[Job, memoryview | None]]] = []
+    end = -1
+    for job in jobs:
+        destination = _destination(job, verify)
+        offset, length = job[0].ranges[0]
+        last = batches[-1] if batches else None
+        if (
+            destination is not None
+            and last is not None
+            and last[-1][1] is not None
+            and last[-1][0][0].chunk.file == job[0].chunk.file
+            and offset == end
+            and len(last) < BATCH_READS
+            and sum(d.nbytes for _, d in last if d is not None) < BATCH_BYTES
+        ):
+            last.append((job, destination))
+        else:
+            batches.append([(job, destination)])
+        end = offset + length
+    return batches
+
+
+def _execute_batch(
+    batch: list[tuple[Job, memoryview | None]],
     readers: dict[str, Reader],
     storage: Storage,
     verify: bool,
 ) -> int:
+    (first, destination), *_ = batch
+    if destination is not None:  # the bytes land straight in the targets' memory
+        buffers = [d for _, d in batch if d is not None]
+        readers[first[0].chunk.file].read_into_many(first[0].ranges[0][0], buffers)
+        return sum(b.nbytes for b in buffers)
+    return _execute(first, readers, storage, verify)
+
+
+def _execute(job: Job, readers: dict[str, Reader], storage: Storage, verify: bool) -> int:
+    """Read into a scratch buffer, check it if asked, and copy the needed box into place."""
     read, shard, meta = job
     reader = readers[read.chunk.file]
     dtype = torch_dtype(meta.dtype)
     target = shard.local
     inter = read.inter.relative_to(shard.box)
-    exact = len(read.ranges) == 1 and read.buffer_nbytes == read.inter.volume * dtype.itemsize
-    if (
-        exact
-        and not verify
-        and target.dtype == dtype
-        and target.device.type == "cpu"
-        and target.is_contiguous()
-    ):
-        start = contiguous_destination(shard.box.sizes, inter)
-        if start is not None:  # the bytes land straight in the target's memory
-            flat = target.detach().reshape(-1)[start : start + read.inter.volume]
-            reader.read_into(read.ranges[0][0], byte_view(flat))
-            return read.buffer_nbytes
     buffer = torch.empty(read.buffer_nbytes, dtype=torch.uint8)
     view = byte_view(buffer)
     position = 0

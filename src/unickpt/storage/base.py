@@ -64,6 +64,12 @@ class Reader(abc.ABC):
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill ``out`` with the bytes at ``offset``; a short file raises CorruptCheckpointError."""
 
+    def read_into_many(self, offset: int, outs: list[memoryview]) -> None:
+        """Fill ``outs`` one after the other from the bytes starting at ``offset``."""
+        for out in outs:
+            self.read_into(offset, out)
+            offset += out.nbytes
+
     def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         self.read_into(offset, memoryview(buf))

@@ -120,6 +120,31 @@ class _LocalReader(Reader):
         except OSError as exc:
             raise _storage_error("read", self._where, exc) from exc
 
+    def read_into_many(self, offset: int, outs: list[memoryview]) -> None:
+        """One scatter read (``preadv``) for the whole run, resumed after short reads."""
+        views = [out.cast("B") for out in outs]
+        end = offset + sum(v.nbytes for v in views)
+        if end > self._size:
+            raise CorruptCheckpointError(
+                f"data file {self._where} is truncated: need bytes [{offset}, {end}) "
+                f"but the file has {self._size}"
+            )
+        try:
+            while views:
+                got = os.preadv(self._fd, views, offset)
+                if got == 0:
+                    raise CorruptCheckpointError(
+                        f"data file {self._where} ended early at byte {offset}"
+                    )
+                offset += got
+                while views and got >= views[0].nbytes:
+                    got -= views[0].nbytes
+                    views.pop(0)
+                if got:
+                    views[0] = views[0][got:]
+        except OSError as exc:
+            raise _storage_error("read", self._where, exc) from exc
+
     def close(self) -> None:
         os.close(self._fd)
 
