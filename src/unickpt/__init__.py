@@ -6,7 +6,15 @@ Save on any parallel layout, load on any other::
     unickpt.load("ckpt/step_100", {"model": model, "optim": optim})   # in place, resharded
 """
 
-from unickpt.engine import LoadResult, SaveHandle, SaveResult, before_update, load, save
+from unickpt.engine import (
+    LoadResult,
+    SaveHandle,
+    SaveResult,
+    before_update,
+    load,
+    release_staging_memory,
+    save,
+)
 from unickpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -49,6 +57,7 @@ __all__ = [
     "collect_garbage",
     "inspect",
     "load",
+    "release_staging_memory",
     "save",
     "verify",
 ]

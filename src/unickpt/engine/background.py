@@ -106,6 +106,10 @@ class StagingPool:
             self._buffers[key] = buffer
         return buffer
 
+    def clear(self) -> None:
+        """Free every buffer (the next background save allocates them again)."""
+        self._buffers.clear()
+
     def stage(self, view: SaveView) -> SaveView:
         """A copy of ``view`` whose shards live in the pool's buffers."""
         staged = SaveView(objects=view.objects, opaque=view.opaque)
@@ -170,6 +174,15 @@ def admit(policy: BusyPolicy, comm: Comm) -> bool:
     if previous is not None:
         previous._done.wait()
     return True
+
+
+def release_staging_memory() -> None:
+    """Wait for the save in flight, then free the staging pool's host memory."""
+    with _lock:
+        pending = _in_flight
+    if pending is not None:
+        pending._done.wait()
+    POOL.clear()
 
 
 def before_update() -> None:

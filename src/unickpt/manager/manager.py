@@ -11,7 +11,12 @@ from typing import Any, Literal
 
 import torch
 
-from unickpt.engine.background import BusyPolicy, SaveHandle, before_update
+from unickpt.engine.background import (
+    BusyPolicy,
+    SaveHandle,
+    before_update,
+    release_staging_memory,
+)
 from unickpt.engine.comm import Comm
 from unickpt.engine.load import load
 from unickpt.engine.result import SaveResult
@@ -159,7 +164,9 @@ class CheckpointManager:
         self._reap(block=True)
 
     def close(self) -> None:
+        """Wait for every save, then free the host memory that staged them."""
         self.wait()
+        release_staging_memory()
 
     def _reap(self, *, block: bool) -> None:
         still = []
