@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import datetime
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -52,6 +51,7 @@ from save_load import (
     machine_info,
     parse_count,
     raw_write,
+    write_results,
 )
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
@@ -644,13 +644,7 @@ def main() -> None:
         "checks": checks(methods),
     }
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"async_save-{stamp}.json"
-    out.write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    log(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_results("async_save", stamp, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -877,10 +877,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     result["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
 
+    write_results("save_load", stamp, result, markdown(result))
+
+
+def write_results(name: str, stamp: str, result: dict[str, Any], table: str) -> None:
+    """Save ``result`` as bench/results/<name>-<stamp>.json and the table as .md; print it."""
     RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"save_load-{stamp}.json"
+    out = RESULTS_DIR / f"{name}-{stamp}.json"
     out.write_text(json.dumps(result, indent=1))
-    table = markdown(result)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     log(f"\nwrote {out} and {out.with_suffix('.md')}")
