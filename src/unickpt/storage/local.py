@@ -101,24 +101,7 @@ class _LocalReader(Reader):
         return self._size
 
     def read_into(self, offset: int, out: memoryview) -> None:
-        want = out.nbytes
-        if offset + want > self._size:
-            raise CorruptCheckpointError(
-                f"data file {self._where} is truncated: need bytes [{offset}, {offset + want}) "
-                f"but the file has {self._size}"
-            )
-        view = out.cast("B")
-        done = 0
-        try:
-            while done < want:
-                got = os.preadv(self._fd, [view[done:]], offset + done)
-                if got == 0:
-                    raise CorruptCheckpointError(
-                        f"data file {self._where} ended early at byte {offset + done}"
-                    )
-                done += got
-        except OSError as exc:
-            raise _storage_error("read", self._where, exc) from exc
+        self.read_into_many(offset, [out])
 
     def read_into_many(self, offset: int, outs: list[memoryview]) -> None:
         """One scatter read (``preadv``) for the whole run, resumed after short reads."""
