@@ -218,6 +218,7 @@ def _batches(jobs: list[Job], verify: bool) -> list[list[tuple[Job, memoryview |
     each group is one large scatter read instead of many small ones."""
     batches: list[list[tuple[Job, memoryview | None]]] = []
     end = -1
+    batch_bytes = 0
     for job in jobs:
         destination = _destination(job, verify)
         offset, length = job[0].ranges[0]
@@ -229,11 +230,13 @@ def _batches(jobs: list[Job], verify: bool) -> list[list[tuple[Job, memoryview |
             and last[-1][0][0].chunk.file == job[0].chunk.file
             and offset == end
             and len(last) < BATCH_READS
-            and sum(d.nbytes for _, d in last if d is not None) < BATCH_BYTES
+            and batch_bytes < BATCH_BYTES
         ):
             last.append((job, destination))
+            batch_bytes += length
         else:
             batches.append([(job, destination)])
+            batch_bytes = length
         end = offset + length
     return batches
 
