@@ -243,13 +243,11 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------ restore
 
     def latest(self) -> str | None:
-        """Path of the newest committed checkpoint, or None."""
-        if self._storage.exists(LATEST):
-            name = self._storage.read(LATEST).decode().strip()
-            if name and self._storage.exists(f"{name}/{MANIFEST}"):
-                newest = self.list()
-                if not newest or newest[-1].name == name:
-                    return f"{self.root.rstrip('/')}/{name}"
+        """Path of the newest committed checkpoint, or None.
+
+        Found by listing, not by the ``latest`` pointer file: that file is written for external
+        tools and may lag behind a commit or name a checkpoint deleted since.
+        """
         committed = self.list()
         return committed[-1].path if committed else None
 
