@@ -11,7 +11,7 @@ import builtins
 import posixpath
 from types import TracebackType
 
-from unickpt.errors import UnsafeCheckpointError
+from unickpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 
 def check_relative_path(path: str) -> str:
@@ -26,6 +26,16 @@ def check_relative_path(path: str) -> str:
     if any(part in ("", ".", "..") for part in parts):
         raise UnsafeCheckpointError(f"path {path!r} escapes or is not normalised ('.', '..', '//')")
     return path
+
+
+def require_range(where: str, offset: int, nbytes: int, size: int) -> None:
+    """Raise CorruptCheckpointError unless bytes [offset, offset + nbytes) lie in a file of
+    ``size`` bytes: a read past the end means the file was truncated."""
+    if offset < 0 or offset + nbytes > size:
+        raise CorruptCheckpointError(
+            f"data file {where} is truncated: need bytes [{offset}, {offset + nbytes}) "
+            f"but the file has {size}"
+        )
 
 
 class Writer(abc.ABC):

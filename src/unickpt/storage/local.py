@@ -10,7 +10,7 @@ import shutil
 import uuid
 
 from unickpt.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
-from unickpt.storage.base import Reader, Storage, Writer, check_relative_path
+from unickpt.storage.base import Reader, Storage, Writer, check_relative_path, require_range
 
 
 def _storage_error(action: str, where: str, exc: OSError) -> StorageError:
@@ -106,12 +106,7 @@ class _LocalReader(Reader):
     def read_into_many(self, offset: int, outs: list[memoryview]) -> None:
         """One scatter read (``preadv``) for the whole run, resumed after short reads."""
         views = [out.cast("B") for out in outs]
-        end = offset + sum(v.nbytes for v in views)
-        if end > self._size:
-            raise CorruptCheckpointError(
-                f"data file {self._where} is truncated: need bytes [{offset}, {end}) "
-                f"but the file has {self._size}"
-            )
+        require_range(self._where, offset, sum(v.nbytes for v in views), self._size)
         try:
             while views:
                 got = os.preadv(self._fd, views, offset)

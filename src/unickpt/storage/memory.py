@@ -6,7 +6,7 @@ import builtins
 import threading
 
 from unickpt.errors import CorruptCheckpointError
-from unickpt.storage.base import Reader, Storage, Writer, check_relative_path
+from unickpt.storage.base import Reader, Storage, Writer, check_relative_path, require_range
 
 _NAMESPACES: dict[str, dict[str, bytes]] = {}
 _LOCK = threading.Lock()
@@ -42,13 +42,8 @@ class _MemoryReader(Reader):
         return self._data.nbytes
 
     def read_into(self, offset: int, out: memoryview) -> None:
-        end = offset + out.nbytes
-        if end > self._data.nbytes:
-            raise CorruptCheckpointError(
-                f"data file {self._where} is truncated: need bytes [{offset}, {end}) "
-                f"but the file has {self._data.nbytes}"
-            )
-        out.cast("B")[:] = self._data[offset:end]
+        require_range(self._where, offset, out.nbytes, self._data.nbytes)
+        out.cast("B")[:] = self._data[offset : offset + out.nbytes]
 
     def close(self) -> None:
         self._data.release()

@@ -40,7 +40,7 @@ from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from unickpt.errors import CheckpointError, CorruptCheckpointError, StorageError
-from unickpt.storage.base import Reader, Storage, Writer, check_relative_path
+from unickpt.storage.base import Reader, Storage, Writer, check_relative_path, require_range
 
 log = logging.getLogger("unickpt")
 
@@ -579,11 +579,7 @@ class _S3Reader(Reader):
     def read_into(self, offset: int, out: memoryview) -> None:
         view = out.cast("B")
         want = view.nbytes
-        if offset < 0 or offset + want > self._size:
-            raise CorruptCheckpointError(
-                f"data file {self._where} is truncated: need bytes [{offset}, {offset + want}) "
-                f"but the file has {self._size}"
-            )
+        require_range(self._where, offset, want, self._size)
         if want == 0:
             return
         done = 0
