@@ -45,3 +45,7 @@ class InvalidStateError(CheckpointError):
 
 class StorageError(CheckpointError):
     """The storage backend failed (disk full, permission denied, unreachable store)."""
+
+
+class ConversionError(CheckpointError):
+    """A conversion spec is invalid, or a source checkpoint does not fit it (docs/CONVERT.md)."""

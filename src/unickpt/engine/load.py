@@ -23,6 +23,7 @@ from unickpt.errors import (
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import torch_dtype
 from unickpt.format.manifest import Manifest, TensorMeta, read_manifest
+from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
 from unickpt.layout.state import LoadView, collect_for_load
 from unickpt.plan.load_plan import ChunkRead, contiguous_destination, plan_target_reads
@@ -157,12 +158,7 @@ def _load(
         readers: dict[str, Reader] = {}
         try:
             for name in sorted({job[0].chunk.file for job in jobs}):
-                readers[name] = storage.open_reader(name)
-                if readers[name].size() != manifest.files[name]:
-                    raise CorruptCheckpointError(
-                        f"data file {storage.describe(name)} has {readers[name].size()} bytes, "
-                        f"the manifest says {manifest.files[name]} (truncated or replaced)"
-                    )
+                readers[name] = _open_checked(storage, manifest, name)
             jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))
             batches = _batches(jobs, verify)
             with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -195,6 +191,79 @@ def _load(
 
 
 Job = tuple[ChunkRead, LocalShard, TensorMeta]
+
+
+def _open_checked(storage: Storage, manifest: Manifest, name: str) -> Reader:
+    """Open a data file, refusing one whose size is not the manifest's."""
+    reader = storage.open_reader(name)
+    if reader.size() != manifest.files[name]:
+        size = reader.size()
+        reader.close()
+        raise CorruptCheckpointError(
+            f"data file {storage.describe(name)} has {size} bytes, "
+            f"the manifest says {manifest.files[name]} (truncated or replaced)"
+        )
+    return reader
+
+
+class CheckpointReader:
+    """Whole tensors of one committed checkpoint, one at a time, in a single process.
+
+    For tools that stream a checkpoint (export, merge, diff): memory is the tensor asked for,
+    data files are opened once and kept open until :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: str | Storage,
+        *,
+        verify: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.storage = open_storage(path, storage_options)
+        self.manifest = read_manifest(self.storage)
+        self.verify = verify
+        self._readers: dict[str, Reader] = {}
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``key`` (into ``out`` if given: a CPU tensor of its shape and dtype)."""
+        meta = self.manifest.tensors.get(key)
+        if meta is None:
+            raise StateMismatchError(f"tensor {key!r} is not in checkpoint {self.storage.url}")
+        if meta.encoding != "raw":
+            raise UnsafeCheckpointError(f"entry {key!r} is a pickled object, not a tensor")
+        dtype = torch_dtype(meta.dtype)
+        if out is None:
+            out = torch.empty(meta.shape, dtype=dtype)
+        elif tuple(out.shape) != meta.shape or out.dtype != dtype:
+            raise StateMismatchError(
+                f"{key}: expected {dtype} {list(meta.shape)}, got {out.dtype} {list(out.shape)}"
+            )
+        shard = LocalShard(out, meta.shape, Box.full(meta.shape))
+        jobs: list[Job] = [
+            (r, shard, meta)
+            for r in plan_target_reads(shard.box, meta.chunks, dtype.itemsize, whole=self.verify)
+        ]
+        for job in jobs:
+            name = job[0].chunk.file
+            if name not in self._readers:
+                self._readers[name] = _open_checked(self.storage, self.manifest, name)
+        jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))
+        with torch.no_grad():
+            for batch in _batches(jobs, self.verify):
+                _execute_batch(batch, self._readers, self.storage, self.verify)
+        return out
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _destination(job: Job, verify: bool) -> memoryview | None:
@@ -292,4 +361,4 @@ def _unpickle(storage: Storage, meta: TensorMeta) -> Any:
     return pickle.loads(blob)
 
 
-__all__ = ["LoadResult", "load"]
+__all__ = ["CheckpointReader", "LoadResult", "load"]

@@ -1,0 +1,100 @@
+"""Reading foreign ``.pt`` files without running their code, and without holding them in memory.
+
+``torch.load(weights_only=True)`` unpickles only tensors, containers and the globals allow-listed
+here (or by the importer asking); anything else is refused with an error that names the global
+and points at ``trust_pickle`` / ``--trust-pickle``. Files are memory-mapped, so a tensor's bytes
+are read when used; :func:`release_pages` hands them back to the kernel afterwards, which keeps a
+converter's resident memory at the tensors in flight instead of the files it has touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import mmap
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unickpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+
+# Plain data that Megatron and DeepSpeed files commonly carry besides tensors.
+SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages (clean file pages are simply dropped)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_PAGE = mmap.PAGESIZE
+
+
+def load_torch_file(
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    extra_globals: Iterable[Any] = (),
+) -> Any:
+    """Unpickle a ``torch.save`` file onto the CPU, memory-mapped when its format allows.
+
+    Without ``trust_pickle`` only tensors, containers, :data:`SAFE_GLOBALS` and
+    ``extra_globals`` (classes, functions, or ``(stand_in, "module.Name")`` pairs that map a
+    foreign class to a harmless local one) are accepted; anything else raises
+    UnsafeCheckpointError naming the global. ``trust_pickle=True`` runs the full unpickler:
+    only for files you trust, since unpickling can execute arbitrary code.
+    """
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise CheckpointNotFoundError(f"no such file: {where}")
+    use_mmap = zipfile.is_zipfile(where)  # the legacy (pre-1.6) format cannot be mapped
+    try:
+        if trust_pickle:
+            return torch.load(where, map_location="cpu", weights_only=False, mmap=use_mmap)
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_globals]):
+            return torch.load(where, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise CorruptCheckpointError(f"{where} cannot be unpickled: {exc}") from exc
+        raise UnsafeCheckpointError(
+            f"{where} needs Python objects that unickpt does not load by default "
+            f"({_first_line(exc)}). Unpickling them can execute arbitrary code: re-run with "
+            "--trust-pickle (trust_pickle=True) only if you trust where this file came from"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        raise CorruptCheckpointError(f"{where} is not a readable torch file: {exc}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    if match := re.search(r"GLOBAL (\S+)", text):
+        return f"global {match.group(1)} is not allow-listed"
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Hint that ``tensor``'s memory will not be needed soon (its contents stay valid).
+
+    For a memory-mapped file this drops the pages from the process's resident set (they are
+    re-read on the next access); for ordinary memory it is a no-op without swap.
+    """
+    storage = tensor.untyped_storage()
+    if storage.device.type != "cpu" or storage.nbytes() == 0:
+        return
+    start = storage.data_ptr() // _PAGE * _PAGE
+    end = storage.data_ptr() + storage.nbytes()
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+def tensor_files(root: str | os.PathLike[str], pattern: str) -> list[Path]:
+    """Files under ``root`` matching a glob ``pattern``, sorted; CheckpointNotFoundError if none."""
+    found = sorted(Path(root).glob(pattern))
+    if not found:
+        raise CheckpointNotFoundError(f"no {pattern} under {os.fspath(root)}")
+    return found
+
+
+__all__ = ["SAFE_GLOBALS", "load_torch_file", "release_pages", "tensor_files"]
