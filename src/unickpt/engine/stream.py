@@ -10,6 +10,7 @@ files first, ``manifest.json`` last and atomically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import queue
@@ -30,6 +31,7 @@ from unickpt.format.dtypes import dtype_name, itemsize
 from unickpt.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    INFLIGHT,
     MANIFEST,
     Chunk,
     Manifest,
@@ -212,6 +214,10 @@ def stream_save(
                     f"writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
                 ) from exc
             files[file] = offsets[-1] + members[-1][2].nbytes
+    except BaseException:
+        with contextlib.suppress(Exception):  # not committed: let gc take it even while we live
+            storage.delete(INFLIGHT)
+        raise
     finally:
         background.close()
     manifest = Manifest(

@@ -196,8 +196,10 @@ class LocalStorage(Storage):
         return os.path.isdir(self.root)
 
     def remove_if_empty(self, prefix: str) -> bool:
-        try:
-            os.rmdir(self._resolve(prefix))  # fails, harmlessly, if a saver just wrote into it
+        top = self._resolve(prefix)
+        try:  # empty subdirectories (data/) first; any file anywhere makes an rmdir fail
+            for path, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+                os.rmdir(path)  # fails, harmlessly, if a saver just wrote into it
         except OSError:
             return False
         return True
