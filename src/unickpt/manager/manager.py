@@ -1,15 +1,20 @@
-"""CheckpointManager: when to save, what to keep, where to resume from."""
+"""CheckpointManager: when to save, what to keep, where to resume from, across storage tiers."""
 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import json
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from unickpt.engine.background import (
     BusyPolicy,
@@ -21,49 +26,73 @@ from unickpt.engine.comm import Comm
 from unickpt.engine.load import load
 from unickpt.engine.result import SaveResult
 from unickpt.engine.save import SaveMode, save
-from unickpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
-from unickpt.format.manifest import MANIFEST, read_manifest
+from unickpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+)
+from unickpt.format.manifest import MANIFEST, Manifest, read_manifest
 from unickpt.layout.sharded import ShardedTensor
 from unickpt.manager import rng
-from unickpt.storage import open_storage
+from unickpt.manager.drain import Drainer, DrainError, drain
+from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers
 
 log = logging.getLogger("unickpt")
 
 LATEST = "latest"
 RNG_KEY = "__rng__"
+# Failures that make restore try the next candidate; anything else (a state that does not
+# match, a refused pickle) is the caller's to fix and raises.
+_FALL_BACK = (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    CheckpointNotFoundError,
+    StorageError,
+)
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint under the manager's root."""
+    """A committed checkpoint: ``path`` on the fastest tier holding it, and which ``tiers``
+    (their URLs, fastest first) hold it."""
 
     name: str
     path: str
     step: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    tiers: tuple[str, ...] = ()
 
 
-@dataclass
-class _Pending:
-    name: str
-    step: int
-    handle: SaveHandle
+def _order(info: CheckpointInfo) -> tuple[int, str]:
+    return (info.step if info.step is not None else -1, info.name)
 
 
 class CheckpointManager:
     """Saves on a schedule, keeps what the retention policy says, restores the newest.
 
+    ``root_or_tiers`` is one root (a local path or ``s3://bucket/prefix``) or a list of tiers,
+    fastest first, e.g. ``["memory", "/nfs/ckpt/run1", "s3://bucket/run1"]``. Saves go to the
+    fastest tier in ``mode``; once committed there, a background drain copies each checkpoint to
+    every slower tier in turn without blocking training (see docs/DESIGN.md, "Tiers"). The
+    ``"memory"`` tier is a node-local shared-memory directory (``/dev/shm/unickpt/<run>``, or
+    ``"memory:///DIR"``) holding the ``keep_in_memory`` newest checkpoints plus any not yet
+    drained; it outlives a crashed trainer on the same node. ``storage_options`` configure the
+    ``s3://`` tiers.
+
     Every rank constructs it with the same arguments and calls it at the same points (SPMD).
     ``every_n_steps`` / ``every_n_seconds`` say when :meth:`maybe_save` saves (the time test is
-    decided by rank 0, so all ranks agree). Retention keeps the ``keep_last`` newest, every step
-    divisible by ``keep_every``, and the ``keep_best = (metric, n)`` best by ``best_mode``; it
-    never deletes the newest committed checkpoint nor one being written. RNG states (torch CPU,
-    CUDA, numpy, python) are saved per rank and restored when the world size is unchanged.
+    decided by rank 0, so all ranks agree). Retention, on each durable tier, keeps the
+    ``keep_last`` newest, every step divisible by ``keep_every``, and the ``keep_best =
+    (metric, n)`` best by ``best_mode``; it never deletes the newest committed checkpoint, one
+    being written, or one still to be drained. RNG states (torch CPU, CUDA, numpy, python) are
+    saved per rank and restored when the world size is unchanged.
     """
 
     def __init__(
         self,
-        root: str,
+        root_or_tiers: RootOrTiers,
         *,
         every_n_steps: int | None = None,
         every_n_seconds: float | None = None,
@@ -75,25 +104,45 @@ class CheckpointManager:
         if_busy: BusyPolicy = "wait",
         save_rng: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        keep_in_memory: int = 1,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError("keep_last must be at least 1 (the newest checkpoint is always kept)")
-        self.root = root
-        self._storage = open_storage(root, storage_options)
-        self._options = storage_options
+        if keep_in_memory < 1:
+            raise ValueError("keep_in_memory must be at least 1")
+        self.tiers: list[Tier] = parse_tiers(root_or_tiers, storage_options)
+        self.root = self.tiers[0].root
         self.every_n_steps = every_n_steps
         self.every_n_seconds = every_n_seconds
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.keep_best = keep_best
         self.best_mode = best_mode
+        self.keep_in_memory = keep_in_memory
         self.mode: SaveMode = mode
         self.if_busy: BusyPolicy = if_busy
         self.save_rng = save_rng
         self._comm = Comm()
-        self._pending: list[_Pending] = []
+        # Drains run collectives from a background thread: on the default group they would
+        # interleave with training's, so they get a gloo group of their own (created here, a
+        # collective every rank reaches at the same point). One tier needs no collective.
+        self._group: dist.ProcessGroup | None = None
+        if len(self.tiers) > 1 and self._comm.world_size > 1:
+            self._group = dist.new_group(backend="gloo")
+        self._drain_comm = Comm(self._group) if self._group is not None else Comm()
+        self._drainer = Drainer()
+        self._lock = threading.Lock()
+        self._active: Counter[str] = Counter()  # checkpoints with a save or drain still to run
+        self._errors: list[DrainError] = []
+        self._reported = 0
         self._last_save = time.monotonic()
-        self._infos: dict[str, CheckpointInfo] = {}
+        self._infos: dict[tuple[int, str], CheckpointInfo] = {}
+
+    @property
+    def drain_errors(self) -> builtins.list[DrainError]:
+        """Every drain that failed so far (checkpoint, tier, cause), oldest first."""
+        with self._lock:
+            return builtins.list(self._errors)
 
     # ------------------------------------------------------------------------------- saving
 
@@ -118,8 +167,8 @@ class CheckpointManager:
         *,
         force: bool = False,
     ) -> SaveResult | SaveHandle | None:
-        """Save ``state`` as step ``step`` if the schedule (or ``force``) says so."""
-        self._reap(block=False)
+        """Save ``state`` as step ``step`` to the fastest tier if the schedule (or ``force``)
+        says so; draining to the slower tiers follows in the background."""
         if not (force or self._due(step)):
             return None
         self._last_save = time.monotonic()
@@ -130,29 +179,18 @@ class CheckpointManager:
             world, rank = self._comm.world_size, self._comm.rank
             full[RNG_KEY] = ShardedTensor(row[None], (world, row.numel()), (rank, 0))
         metadata = {"metrics": dict(metrics or {})}
-        path = f"{self.root.rstrip('/')}/{name}"
+        target = self.tiers[0].storage.child(name)
         if self.mode == "sync":
-            result = save(
-                path,
-                full,
-                step=step,
-                user_metadata=metadata,
-                if_busy=self.if_busy,
-                storage_options=self._options,
-            )
-            self._committed(name)
+            result = save(target, full, step=step, user_metadata=metadata, if_busy=self.if_busy)
+            self._submit(name, None, source=0)
+            if len(self.tiers) == 1:  # nothing to drain: retention is done when this returns
+                self._drainer.wait()
             return result
         handle = save(
-            path,
-            full,
-            mode=self.mode,
-            step=step,
-            user_metadata=metadata,
-            if_busy=self.if_busy,
-            storage_options=self._options,
+            target, full, mode=self.mode, step=step, user_metadata=metadata, if_busy=self.if_busy
         )
         if not handle.skipped:
-            self._pending.append(_Pending(name, step, handle))
+            self._submit(name, handle, source=0)
         return handle
 
     def before_update(self) -> None:
@@ -160,64 +198,177 @@ class CheckpointManager:
         before_update()
 
     def wait(self) -> None:
-        """Block until every save started by this manager is committed (or failed)."""
-        self._reap(block=True)
+        """Block until every save and drain started by this manager is over.
+
+        Raises StorageError naming each checkpoint and tier a drain failed for since the last
+        call (the checkpoint stays on the faster tiers; :attr:`drain_errors` keeps them all).
+        A failed save is logged, as before.
+        """
+        self._drainer.wait()
+        with self._lock:
+            new, self._reported = self._errors[self._reported :], len(self._errors)
+        if new:
+            raise StorageError(
+                "checkpoint(s) did not reach every tier; they remain on the faster tiers: "
+                + "; ".join(str(e) for e in new)
+            )
 
     def close(self) -> None:
-        """Wait for every save, then free the host memory that staged them."""
-        self.wait()
-        release_staging_memory()
+        """Wait for every save and drain (raising as :meth:`wait` does), then free the host
+        memory that staged them and the drains' process group."""
+        try:
+            self.wait()
+        finally:
+            release_staging_memory()
+            if self._group is not None:
+                dist.destroy_process_group(self._group)
+                self._group = None
 
-    def _reap(self, *, block: bool) -> None:
-        still = []
-        for pending in self._pending:
-            if not (block or pending.handle.done):
-                still.append(pending)
-                continue
-            try:
-                pending.handle.wait()
-            except CheckpointError as exc:
-                log.error("unickpt: checkpoint %s failed: %s", pending.name, exc)
-                continue
-            self._committed(pending.name)
-        self._pending = still
+    def _submit(self, name: str, handle: SaveHandle | None, *, source: int) -> None:
+        with self._lock:
+            self._active[name] += 1
+            backlog = len(self._active)
+        if backlog > 2 and len(self.tiers) > 1:
+            log.warning(
+                "unickpt: %d checkpoints wait to be drained: saves come faster than %s accepts "
+                "them; the memory tier keeps every undrained one",
+                backlog - 1,
+                self.tiers[-1].url,
+            )
+        self._drainer.submit(lambda: self._job(name, handle, source))
 
-    def _committed(self, name: str) -> None:
+    def _job(self, name: str, handle: SaveHandle | None, source: int) -> None:
+        """After ``name`` commits on tier ``source``: drain it to each slower tier in turn,
+        then apply retention. Runs on the drainer's thread; the same on every rank."""
+        try:
+            if handle is not None:
+                try:
+                    handle.wait()
+                except Exception as exc:  # every rank sees the same failed save
+                    log.error("unickpt: checkpoint %s failed: %s", name, exc)
+                    if self.tiers[source].memory:  # tmpfs is RAM: drop this node's leftovers
+                        with contextlib.suppress(Exception):
+                            self.tiers[source].storage.delete_prefix(name)
+                    return
+            self._publish(source, name)
+            for index in range(source + 1, len(self.tiers)):
+                self._drain(source, index, name)
+            self._retain()
+        except Exception:  # a bug here must not kill the thread silently
+            log.exception("unickpt: bookkeeping of checkpoint %s failed", name)
+        finally:
+            with self._lock:
+                self._active[name] -= 1
+                if self._active[name] <= 0:
+                    del self._active[name]
+
+    def _drain(self, source: int, index: int, name: str) -> None:
+        target = self.tiers[index]
+        try:
+            result = drain(self._drain_comm, self.tiers[source].storage, target.storage, name)
+        except CheckpointError as exc:
+            error = DrainError(name, target.url, str(exc))
+            log.error("unickpt: %s", error)
+            with self._lock:
+                self._errors.append(error)
+            return
+        if result.copied:
+            log.info(
+                "unickpt: drained %s to %s (this rank: %d file(s), %.1f MiB in %.2fs)",
+                name,
+                target.url,
+                result.files,
+                result.nbytes / 2**20,
+                result.seconds,
+            )
+            self._publish(index, name)
+
+    def _publish(self, index: int, name: str) -> None:
+        """Point tier ``index``'s ``latest`` file at ``name`` unless it names a newer one."""
         if self._comm.rank != 0:
             return
-        self._storage.put_atomic(LATEST, name.encode())
-        self._retain()
+        storage = self.tiers[index].storage
+        try:
+            current = storage.read(LATEST).decode() if storage.exists(LATEST) else ""
+            if name > current:  # names are zero-padded steps: string order is step order
+                storage.put_atomic(LATEST, name.encode())
+        except Exception as exc:
+            log.warning("unickpt: cannot update %s: %s", storage.describe(LATEST), exc)
 
     # ---------------------------------------------------------------------------- retention
 
-    def _info(self, name: str) -> CheckpointInfo | None:
-        if name not in self._infos:
+    def _info(self, index: int, name: str) -> CheckpointInfo | None:
+        key = (index, name)
+        if key not in self._infos:
+            tier = self.tiers[index]
             try:
-                manifest = read_manifest(self._storage.child(name))
+                manifest = read_manifest(tier.storage.child(name))
             except CheckpointError:
                 return None
             metrics = manifest.user_metadata.get("metrics", {})
-            self._infos[name] = CheckpointInfo(
+            self._infos[key] = CheckpointInfo(
                 name,
-                f"{self.root.rstrip('/')}/{name}",
+                tier.path(name),
                 manifest.step,
                 metrics if isinstance(metrics, dict) else {},
+                (tier.url,),
             )
-        return self._infos[name]
+        return self._infos[key]
+
+    def _listing(self, index: int) -> builtins.list[CheckpointInfo]:
+        """Committed checkpoints on tier ``index`` (as this node sees it), oldest first."""
+        storage = self.tiers[index].storage
+        infos = []
+        for name in storage.children():
+            if storage.exists(f"{name}/{MANIFEST}") and (info := self._info(index, name)):
+                infos.append(info)
+        return sorted(infos, key=_order)
+
+    def _listings(self) -> builtins.list[builtins.list[CheckpointInfo] | None]:
+        """Each tier's listing; None for a tier that cannot be listed now (logged)."""
+        out: builtins.list[builtins.list[CheckpointInfo] | None] = []
+        for index, tier in enumerate(self.tiers):
+            try:
+                out.append(self._listing(index))
+            except CheckpointError as exc:
+                log.warning("unickpt: cannot list tier %s: %s", tier.url, exc)
+                out.append(None)
+        return out
 
     def list(self) -> builtins.list[CheckpointInfo]:
-        """Committed checkpoints under the root, oldest step first."""
-        infos = []
-        for name in self._storage.children():
-            if self._storage.exists(f"{name}/{MANIFEST}") and (info := self._info(name)):
-                infos.append(info)
-        return sorted(infos, key=lambda i: (i.step if i.step is not None else -1, i.name))
+        """Committed checkpoints across the tiers, oldest step first; each says which tiers
+        hold it. A tier that cannot be listed now is left out (logged) when there are several.
+        """
+        if len(self.tiers) == 1:
+            return self._listing(0)
+        merged: dict[str, CheckpointInfo] = {}
+        for listing in self._listings():
+            for info in listing or []:
+                seen = merged.get(info.name)
+                merged[info.name] = (
+                    info if seen is None else replace(seen, tiers=seen.tiers + info.tiers)
+                )
+        return sorted(merged.values(), key=_order)
 
-    def _retain(self) -> None:
-        committed = self.list()
+    def _victims(
+        self, index: int, listings: builtins.list[builtins.list[CheckpointInfo] | None]
+    ) -> builtins.list[str]:
+        """What retention removes from tier ``index``."""
+        committed = listings[index]
         if not committed:
-            return
+            return []
         keep = {committed[-1].name}
+        with self._lock:
+            keep |= set(self._active)  # being saved, or still to be drained from here
+        if self.tiers[index].memory:
+            keep |= {i.name for i in committed[-self.keep_in_memory :]}
+            # Not durable yet: kept until it, or a newer checkpoint, is on a slower tier.
+            drained = max(
+                (_order(i) for listing in listings[index + 1 :] for i in listing or []),
+                default=None,
+            )
+            keep |= {i.name for i in committed if drained is None or _order(i) > drained}
+            return [i.name for i in committed if i.name not in keep]
         if self.keep_last is not None:
             keep |= {i.name for i in committed[-self.keep_last :]}
         else:
@@ -231,19 +382,45 @@ class CheckpointManager:
             scored = [i for i in committed if isinstance(i.metrics.get(metric), int | float)]
             scored.sort(key=lambda i: i.metrics[metric], reverse=self.best_mode == "max")
             keep |= {i.name for i in scored[:count]}
-        writing = {p.name for p in self._pending if not p.handle.done}
-        for info in committed:
-            if info.name not in keep and info.name not in writing:
-                # Un-commit first: a crash mid-delete leaves an incomplete checkpoint for gc.
-                self._storage.delete(f"{info.name}/{MANIFEST}")
-                self._storage.delete_prefix(info.name)
-                self._infos.pop(info.name, None)
-                log.info("unickpt: retention removed %s", info.name)
+        return [i.name for i in committed if i.name not in keep]
+
+    def _retain(self) -> None:
+        """Apply retention on every tier. Rank 0 decides (it alone sees the memory tier's
+        manifests: it wrote them); durable tiers are shared, so rank 0 deletes there; each node
+        holds its own part of the memory tier, so every rank deletes what rank 0 names there."""
+        in_memory: builtins.list[str] = []
+        if self._comm.rank == 0:
+            try:
+                listings = self._listings()
+                for index, tier in enumerate(self.tiers):
+                    victims = self._victims(index, listings)
+                    if tier.memory:
+                        in_memory = victims
+                    for name in [] if tier.memory else victims:
+                        self._delete(index, name)
+            except Exception as exc:  # never skip the collective below
+                log.warning("unickpt: retention skipped: %s", exc)
+        if self.tiers[0].memory:
+            doomed = json.dumps(in_memory).encode()
+            for name in json.loads(self._drain_comm.broadcast_bytes(doomed)):
+                self._delete(0, name)
+
+    def _delete(self, index: int, name: str) -> None:
+        storage = self.tiers[index].storage
+        try:
+            # Un-commit first: a crash mid-delete leaves an incomplete checkpoint for gc.
+            storage.delete(f"{name}/{MANIFEST}")
+            storage.delete_prefix(name)
+        except Exception as exc:
+            log.warning("unickpt: retention could not remove %s: %s", storage.describe(name), exc)
+            return
+        self._infos.pop((index, name), None)
+        log.info("unickpt: retention removed %s from %s", name, self.tiers[index].url)
 
     # ------------------------------------------------------------------------------ restore
 
     def latest(self) -> str | None:
-        """Path of the newest committed checkpoint, or None.
+        """Path of the newest committed checkpoint (on the fastest tier holding it), or None.
 
         Found by listing, not by the ``latest`` pointer file: that file is written for external
         tools and may lag behind a commit or name a checkpoint deleted since.
@@ -252,22 +429,101 @@ class CheckpointManager:
         return committed[-1].path if committed else None
 
     def restore(self, state: dict[str, Any], *, strict: bool = True) -> int | None:
-        """Load the newest loadable checkpoint into ``state`` (any layout); its step, or None.
+        """Load the newest complete checkpoint across the tiers into ``state`` (any layout);
+        its step, or None.
 
-        A corrupt or incomplete newest checkpoint is skipped (logged) for the next older one.
+        Candidates are ordered newest step first, the fastest tier first for one step; every
+        rank takes the same one. A memory-tier copy counts only if every rank can read all of
+        its files on its own node. A corrupt, incomplete or unreadable candidate is skipped
+        (logged) for the next. The restored checkpoint is then drained to the slower tiers
+        that lack it (a crashed run's undrained snapshot becomes durable).
         """
-        self.wait()
-        for info in reversed(self.list()):
-            try:
-                return self._restore_from(info, state, strict)
-            except (CorruptCheckpointError, IncompleteCheckpointError) as exc:
-                log.warning("unickpt: cannot restore %s (%s); trying an older one", info.name, exc)
+        self._drainer.wait()  # drain errors stay for wait() to report
+        candidates = self._candidates()
+        for at, (name, index) in enumerate(candidates):
+            tier = self.tiers[index]
+            manifest = self._agree_readable(tier, name)
+            if manifest is not None:
+                try:
+                    step = self._restore_from(tier, name, manifest, state, strict)
+                except Exception as exc:
+                    if not self._agree_fall_back(exc):
+                        raise
+                    problem: str = str(exc)
+                else:
+                    log.info("unickpt: restored %s from %s", name, tier.url)
+                    if index + 1 < len(self.tiers):
+                        self._submit(name, None, source=index)
+                    return step
+            else:
+                problem = "not every rank can read all of its files"
+            following = candidates[at + 1][0] if at + 1 < len(candidates) else None
+            log.warning(
+                "unickpt: cannot restore %s from %s (%s); trying %s",
+                name,
+                tier.url,
+                problem,
+                "the same step on a slower tier" if following == name else "an older one",
+            )
         return None
 
+    def _candidates(self) -> builtins.list[tuple[str, int]]:
+        """(name, tier index) of every committed checkpoint, in restore order, as rank 0 lists
+        them; the memory tier's uncommitted leftovers (a crashed save) are removed everywhere."""
+        found: builtins.list[tuple[CheckpointInfo, int]] = []
+        swept = False  # only with rank 0's full view of the memory tier's commits
+        if self._comm.rank == 0:
+            listings = self._listings()
+            found = [(i, index) for index, listing in enumerate(listings) for i in listing or []]
+            found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
+            swept = self.tiers[0].memory and listings[0] is not None
+        message: dict[str, Any] = {
+            "candidates": [(i.name, index) for i, index in found],
+            "sweep": swept,
+        }
+        if self._comm.world_size > 1:
+            message = json.loads(self._comm.broadcast_bytes(json.dumps(message).encode()))
+        ordered = [(str(n), int(i)) for n, i in message["candidates"]]
+        if message["sweep"]:
+            memory = self.tiers[0].storage
+            committed = {name for name, index in ordered if index == 0}
+            for name in set(memory.children()) - committed:
+                with contextlib.suppress(Exception):
+                    memory.delete_prefix(name)
+                    log.info("unickpt: removed the incomplete %s from %s", name, memory.url)
+        return ordered
+
+    def _agree_readable(self, tier: Tier, name: str) -> Manifest | None:
+        """The candidate's manifest if every rank can read it (and, on the memory tier, every
+        file it lists, at its size, on this rank's node); None on every rank otherwise."""
+        manifest: Manifest | None = None
+        problem = ""
+        try:
+            storage = tier.storage.child(name)
+            manifest = read_manifest(storage)
+            if tier.memory:
+                for file, size in manifest.files.items():
+                    if not storage.exists(file) or storage.size(file) != size:
+                        raise IncompleteCheckpointError(
+                            f"{storage.describe(file)} is missing or truncated on this node"
+                        )
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        problems = [p for p in self._comm.all_gather_bytes(problem.encode()) if p]
+        if problems:
+            log.info("unickpt: %s on %s is not readable everywhere: %s", name, tier.url, problems)
+            return None
+        return manifest
+
+    def _agree_fall_back(self, exc: Exception) -> bool:
+        """Whether every rank moves on to the next candidate after a failed load. The rank that
+        failed knows why; the others only know that load failed: any one's verdict counts."""
+        mine = b"1" if isinstance(exc, _FALL_BACK) else b"0"
+        return b"1" in self._comm.all_gather_bytes(mine)
+
     def _restore_from(
-        self, info: CheckpointInfo, state: dict[str, Any], strict: bool
+        self, tier: Tier, name: str, manifest: Manifest, state: dict[str, Any], strict: bool
     ) -> int | None:
-        manifest = read_manifest(self._storage.child(info.name))
         full = dict(state)
         saved_rng = manifest.tensors.get(RNG_KEY)
         row = None
@@ -276,13 +532,12 @@ class CheckpointManager:
             rank = self._comm.rank % world
             row = torch.empty((1, length), dtype=torch.int64)
             full[RNG_KEY] = ShardedTensor(row, (world, length), (rank, 0))
-        result = load(info.path, full, strict=strict, storage_options=self._options)
+        result = load(tier.storage.child(name), full, strict=strict)
         if row is not None:
             if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
                 rng.restore(row[0])
             else:
                 log.warning(
-                    "unickpt: %s was saved at another world size; RNG states not restored",
-                    info.name,
+                    "unickpt: %s was saved at another world size; RNG states not restored", name
                 )
         return result.step
