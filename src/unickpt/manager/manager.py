@@ -127,13 +127,13 @@ class CheckpointManager:
         # interleave with training's, so they get a gloo group of their own (created here, a
         # collective every rank reaches at the same point). One tier needs no collective.
         self._group: dist.ProcessGroup | None = None
-        if len(self.tiers) > 1 and self._comm.world_size > 1:
-            self._group = dist.new_group(backend="gloo")
-        self._drain_comm = Comm(self._group) if self._group is not None else Comm()
+        self._drain_comm = Comm()
+        self._ensure_group()
         self._drainer = Drainer()
         self._lock = threading.Lock()
         self._active: Counter[str] = Counter()  # checkpoints with a save or drain still to run
         self._errors: list[DrainError] = []
+        self._backlog_warned = 0
         self._reported = 0
         self._last_save = time.monotonic()
         self._infos: dict[tuple[int, str], CheckpointInfo] = {}
@@ -224,16 +224,26 @@ class CheckpointManager:
                 dist.destroy_process_group(self._group)
                 self._group = None
 
+    def _ensure_group(self) -> None:
+        """(Re)create the drains' process group: at construction, and at the first save after
+        :meth:`close` — points every rank reaches in the same order."""
+        if self._group is None and len(self.tiers) > 1 and self._comm.world_size > 1:
+            self._group = dist.new_group(backend="gloo")
+            self._drain_comm = Comm(self._group)
+
     def _submit(self, name: str, handle: SaveHandle | None, *, source: int) -> None:
+        self._ensure_group()
         with self._lock:
+            waiting = len(self._active)  # checkpoints ahead of this one
             self._active[name] += 1
-            backlog = len(self._active)
-        if backlog > 2 and len(self.tiers) > 1:
+            warn = len(self.tiers) > 1 and waiting > max(1, self._backlog_warned)
+            self._backlog_warned = waiting if warn or waiting <= 1 else self._backlog_warned
+        if warn:  # once per new high, not at every save
             log.warning(
-                "unickpt: %d checkpoints wait to be drained: saves come faster than %s accepts "
-                "them; the memory tier keeps every undrained one",
-                backlog - 1,
-                self.tiers[-1].url,
+                "unickpt: %d checkpoints are still to be drained when %s is saved: saves come "
+                "faster than the slower tiers take them (the memory tier keeps them all)",
+                waiting,
+                name,
             )
         self._drainer.submit(lambda: self._job(name, handle, source))
 

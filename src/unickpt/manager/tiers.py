@@ -52,6 +52,18 @@ def _run_id(durable: Sequence[Tier]) -> str:
     return f"{base.strip('._') or 'run'}-{digest[:12]}"
 
 
+def _shared_root() -> None:
+    """Create SHM_ROOT the way /tmp is (world-writable, sticky) so that the first user's runs
+    do not lock out everybody else's on a shared node."""
+    try:
+        os.mkdir(SHM_ROOT)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot create the memory tier's directory {SHM_ROOT}: {exc}") from exc
+    os.chmod(SHM_ROOT, 0o1777)
+
+
 def _memory_dir(spec: str) -> str | None:
     """The directory of a memory tier spelled ``spec``, '' to derive it, None if not one."""
     if spec == MEMORY:
@@ -98,6 +110,7 @@ def parse_tiers(
                 f"{os.path.dirname(SHM_ROOT)} does not exist on this host: name the memory "
                 "tier's directory on a tmpfs explicitly, 'memory:///path/to/tmpfs/dir'"
             )
+        _shared_root()
         memory = os.path.join(SHM_ROOT, _run_id(durable))
     memory = os.path.abspath(memory)
     return [Tier(f"{_MEMORY_URL}{memory}", memory, LocalStorage(memory), memory=True), *durable]

@@ -1,0 +1,352 @@
+"""CheckpointManager storage tiers: memory (node-local tmpfs) -> disk -> S3 (a real moto server).
+
+Saves are made by 2 gloo ranks (tests/dist_harness.py) or by a trainer subprocess that is killed
+with SIGKILL; the test process then looks at every tier directly (files, manifests, S3 objects)
+and restores at world 1 or 2. S3 faults come from a TCP proxy that cuts the connection mid-upload
+(tests/s3_server.py) or an endpoint that never answers; nothing is mocked in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+import torch
+import torch.distributed as dist
+from s3_server import MotoServer, OutageProxy
+from test_s3 import BUCKET, s3_env
+from tier_trainer import blank_state, local_rows, rank_state
+
+import unickpt
+from unickpt import CheckpointManager
+from unickpt.manager import drain
+from unickpt.storage import LocalStorage, S3Storage, Storage
+
+from dist_harness import run_distributed
+
+TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tier_trainer.py")
+name = CheckpointManager.name_for
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def env(moto: MotoServer) -> Iterator[dict[str, str]]:
+    values = s3_env(moto.endpoint)
+    with pytest.MonkeyPatch.context() as patch:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(var, raising=False)
+        for var, value in values.items():
+            patch.setenv(var, value)
+        boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
+        yield values
+
+
+@pytest.fixture
+def shm() -> Iterator[str]:
+    """A fresh directory on tmpfs for an explicit memory tier, removed afterwards."""
+    path = f"/dev/shm/unickpt-test-{uuid.uuid4().hex[:10]}"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fresh_s3(label: str) -> str:
+    return f"s3://{BUCKET}/{label}-{uuid.uuid4().hex[:10]}"
+
+
+def committed(storage: Storage) -> list[str]:
+    return [n for n in storage.children() if storage.exists(f"{n}/manifest.json")]
+
+
+def assert_restored(state: dict[str, Any], step: int, rank: int = 0, world: int = 1) -> None:
+    expected = rank_state(step, rank, world)
+    assert torch.equal(local_rows(state), local_rows(expected)), f"w differs (step {step})"
+    assert torch.equal(state["b"], expected["b"]) and state["loader"] == expected["loader"]
+
+
+def train(rank: int, world: int, tiers: list[str], env: dict[str, str], steps: int) -> None:
+    """Lazy saves of steps 1..``steps`` through every tier, keeping the last 2 per durable
+    tier and 1 in memory."""
+    os.environ.update(env)  # forkserver children do not see the test's environment changes
+    drain.COPY_CHUNK = 1 << 20  # several chunks per file: copies must stream
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_last=2, mode="lazy")
+    for step in range(1, steps + 1):
+        manager.maybe_save(step, rank_state(step, rank, world))
+    manager.close()
+
+
+def test_tier_spelling(tmp_path: os.PathLike[str]) -> None:
+    disk = os.path.join(os.fspath(tmp_path), "run1")
+    derived = CheckpointManager(["memory", disk]).tiers[0]
+    assert derived.memory and derived.root.startswith("/dev/shm/unickpt/run1-")
+    assert derived.url == f"memory://{derived.root}"
+    assert CheckpointManager(["memory", disk]).tiers[0].root == derived.root, "stable per run"
+    assert CheckpointManager(["memory", f"{disk}x"]).tiers[0].root != derived.root
+    single = CheckpointManager(disk)
+    assert [(t.url, t.memory) for t in single.tiers] == [(disk, False)] and single.root == disk
+    with pytest.raises(ValueError, match="memory tier must come first"):
+        CheckpointManager([disk, "memory"])
+    with pytest.raises(ValueError, match="needs a slower, durable tier"):
+        CheckpointManager(["memory"])
+    with pytest.raises(unickpt.StorageError, match="process-local memory:// namespaces"):
+        CheckpointManager(["memory://scratch", disk])
+    with pytest.raises(ValueError, match="keep_in_memory must be at least 1"):
+        CheckpointManager(["memory", disk], keep_in_memory=0)
+
+
+def test_memory_disk_s3_hold_identical_copies(
+    env: dict[str, str], shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    disk_dir, s3_root = os.path.join(os.fspath(tmp_path), "disk"), fresh_s3("tiers")
+    tiers = [f"memory://{shm}", disk_dir, s3_root]
+    run_distributed(2, train, tiers, env, 4, timeout=120)
+
+    memory, disk, s3 = LocalStorage(shm), LocalStorage(disk_dir), S3Storage(s3_root)
+    assert committed(memory) == [name(4)], "the memory tier keeps only the newest"
+    assert committed(disk) == committed(s3) == [name(3), name(4)], "keep_last=2 on each"
+    for step in (3, 4):
+        manifest = disk.read(f"{name(step)}/manifest.json")
+        assert s3.read(f"{name(step)}/manifest.json") == manifest
+        files = unickpt.inspect(disk.child(name(step))).files
+        assert {f.split("/")[-1][:6] for f in files} == {"r00000", "r00001"}, files
+        assert s3.child(name(step)).list() == sorted([*files, "manifest.json"]), "no debris"
+        for file, size in files.items():
+            data = disk.read(f"{name(step)}/{file}")
+            assert len(data) == size and s3.read(f"{name(step)}/{file}") == data, file
+            if step == 4:
+                assert memory.read(f"{name(step)}/{file}") == data
+        unickpt.verify(s3.child(name(step)))
+    assert s3.read("latest") == disk.read("latest") == name(4).encode()
+
+    listed = [(i.step, i.tiers, i.path) for i in CheckpointManager(tiers).list()]
+    assert listed == [
+        (3, (disk_dir, s3_root), f"{disk_dir}/{name(3)}"),
+        (4, (f"memory://{shm}", disk_dir, s3_root), f"{shm}/{name(4)}"),
+    ]
+    state = blank_state(0, 1)
+    unickpt.load(s3.child(name(4)), state, strict=False)  # strict: the state has no RNG rows
+    assert_restored(state, 4)
+
+
+def restore_after_kill(rank: int, world: int, root: str, env: dict[str, str]) -> int | None:
+    os.environ.update(env)
+    manager = CheckpointManager(["memory", root])
+    state = blank_state(rank, world)
+    step = manager.restore(state)
+    assert_restored(state, 2, rank, world)
+    manager.close()  # waits for the restored checkpoint's drain to S3
+    return step
+
+
+def test_memory_tier_outlives_a_killed_trainer(env: dict[str, str]) -> None:
+    """kill -9 after the memory-tier commit, with the drain stuck on an S3 endpoint that never
+    answers: a new run (2 ranks) restores that step from the node's memory tier, bit-exact,
+    and drains it to S3."""
+    root = fresh_s3("killed")
+    memory_dir = CheckpointManager(["memory", root]).tiers[0].root
+    try:
+        with socket.socket() as silent:  # accepts connections, never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)
+            stuck = {
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                "UNICKPT_S3_READ_TIMEOUT": "300",
+                "UNICKPT_S3_MAX_ATTEMPTS": "1",
+            }
+            trainer = subprocess.Popen(
+                [sys.executable, TRAINER, "memory", root],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **env, **stuck},
+            )
+            try:
+                assert trainer.stdout is not None
+                lines = [trainer.stdout.readline().strip() for _ in range(2)]
+                assert lines == ["committed 1", "committed 2"], lines
+                os.kill(trainer.pid, signal.SIGKILL)
+                assert trainer.wait(30) == -signal.SIGKILL
+            finally:
+                if trainer.poll() is None:
+                    trainer.kill()
+                    trainer.wait()
+        memory, s3 = LocalStorage(memory_dir), S3Storage(root)
+        assert committed(memory) == [name(1), name(2)], "nothing drained, nothing retired"
+        assert s3.list() == [], "the kill came before any drain"
+        crashed_save = f"{name(3)}/data/r00000-0123456789ab-0.safetensors"
+        memory.put_atomic(crashed_save, b"what a save killed mid-write leaves")
+
+        assert run_distributed(2, restore_after_kill, root, env, timeout=120) == [2, 2]
+        assert committed(s3) == [name(2)]
+        assert s3.read(f"{name(2)}/manifest.json") == memory.read(f"{name(2)}/manifest.json")
+        unickpt.verify(s3.child(name(2)))
+        assert memory.children() == [name(2)], "step 1 retired once 2 was durable; debris gone"
+    finally:
+        shutil.rmtree(memory_dir, ignore_errors=True)
+
+
+def test_restore_picks_the_newest_complete_copy_across_tiers(
+    env: dict[str, str], shm: str, tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    disk_dir, s3_root = os.path.join(os.fspath(tmp_path), "disk"), fresh_s3("restore")
+    tiers = [f"memory://{shm}", disk_dir, s3_root]
+    run_distributed(2, train, tiers, env, 3, timeout=120)  # saved at world 2
+    memory, disk, s3 = LocalStorage(shm), LocalStorage(disk_dir), S3Storage(s3_root)
+    manager = CheckpointManager(tiers)  # restored at world 1: every load reshards
+
+    def restore(tier: str) -> None:
+        caplog.clear()
+        state = blank_state(0, 1)
+        with caplog.at_level(logging.INFO, logger="unickpt"):
+            assert manager.restore(state) == 3
+            manager.wait()
+        assert f"restored {name(3)} from {tier}\n" in caplog.text + "\n", caplog.text
+        assert_restored(state, 3)
+
+    restore(f"memory://{shm}")  # the same step on every tier: the fastest wins
+
+    (data_file,) = [f for f in memory.list(name(3)) if f.endswith(".safetensors")][:1]
+    with open(os.path.join(shm, data_file), "r+b") as f:
+        f.truncate(100)
+    restore(disk_dir)
+    assert "trying the same step on a slower tier" in caplog.text
+
+    shutil.rmtree(shm)
+    s3.delete(f"{name(3)}/manifest.json")  # S3 now stops at step 2: disk holds the newest
+    s3.delete_prefix(name(3))
+    restore(disk_dir)
+    assert committed(s3) == [name(2), name(3)], "restoring from disk drained it to S3 again"
+    assert s3.read(f"{name(3)}/manifest.json") == disk.read(f"{name(3)}/manifest.json")
+
+    shutil.rmtree(disk_dir)
+    restore(s3_root)  # from S3 alone, world 2 -> world 1
+    manager.close()
+
+
+def outage_run(
+    rank: int, world: int, tiers: list[str], env: dict[str, str], moto_port: int
+) -> dict[str, Any]:
+    """Rank 0 runs the proxy both ranks reach S3 through; it dies while step 2 drains."""
+    os.environ.update(env)
+    port = torch.zeros(1, dtype=torch.int64)
+    proxy = OutageProxy(moto_port) if rank == 0 else None
+    if proxy is not None:
+        port[0] = proxy.port
+    dist.broadcast(port, 0)
+    manager = CheckpointManager(
+        tiers,
+        every_n_steps=1,
+        keep_last=10,
+        mode="async",
+        storage_options={"endpoint_url": f"http://127.0.0.1:{int(port)}"},
+    )
+
+    def save(step: int) -> float:
+        started = time.monotonic()
+        handle = manager.maybe_save(step, rank_state(step, rank, world))
+        assert isinstance(handle, unickpt.SaveHandle)
+        handle.wait()  # committed on the memory tier, S3 or not
+        return time.monotonic() - started
+
+    save(1)
+    manager.wait()
+    dist.barrier()
+    if proxy is not None:
+        proxy.cut_after(1 << 20)  # S3 goes down once 1 MiB of step 2's drain went up
+    dist.barrier()
+    seconds = [save(step) for step in (2, 3, 4)]  # training goes on
+    try:
+        manager.wait()
+        message = ""
+    except unickpt.StorageError as exc:
+        message = str(exc)
+    errors = [(e.name, e.tier) for e in manager.drain_errors]
+    tripped = proxy.tripped.is_set() if proxy is not None else None
+    dist.barrier()
+    if proxy is not None:
+        proxy.restore()
+    dist.barrier()
+    save(5)
+    manager.close()  # raises if step 5 did not reach S3
+    if proxy is not None:
+        proxy.close()
+    return {"message": message, "errors": errors, "tripped": tripped, "seconds": seconds}
+
+
+def test_s3_outage_during_a_drain(
+    env: dict[str, str], moto: MotoServer, shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    disk_dir, s3_root = os.path.join(os.fspath(tmp_path), "disk"), fresh_s3("outage")
+    tiers = [f"memory://{shm}", disk_dir, s3_root]
+    results = run_distributed(2, outage_run, tiers, env, moto.port, timeout=120)
+    assert results[0]["tripped"], "the proxy never cut: the outage missed the drain"
+    for result in results:
+        message = result["message"]
+        assert f"checkpoint {name(2)} did not reach tier {s3_root}" in message, message
+        assert "they remain on the faster tiers" in message
+        failed = {n for n, tier in result["errors"] if tier == s3_root}
+        assert failed == {name(2), name(3), name(4)}, result["errors"]
+        assert all(tier == s3_root for _, tier in result["errors"])
+    s3, disk = S3Storage(s3_root), LocalStorage(disk_dir)  # straight to moto, not the proxy
+    assert committed(s3) == [name(1), name(5)], "failed drains never became visible"
+    assert committed(disk) == [name(s) for s in range(1, 6)], "training and saving went on"
+    state = blank_state(0, 1)
+    unickpt.load(s3.child(name(1)), state, strict=False)
+    assert_restored(state, 1)
+    unickpt.verify(s3.child(name(5)))
+
+
+def blocked_disk_run(rank: int, world: int, shm: str, disk_dir: str) -> dict[str, Any]:
+    """The disk tier is a regular file (every drain to it fails) for steps 1-3, then a
+    directory again for step 4."""
+    manager = CheckpointManager(
+        [f"memory://{shm}", disk_dir], every_n_steps=1, keep_last=1, mode="async"
+    )
+    for step in (1, 2, 3):
+        manager.maybe_save(step, rank_state(step, rank, world))
+    try:
+        manager.wait()
+        message = ""
+    except unickpt.StorageError as exc:
+        message = str(exc)
+    undrained = committed(LocalStorage(shm))
+    dist.barrier()
+    if rank == 0:
+        os.remove(disk_dir)
+    dist.barrier()
+    manager.maybe_save(4, rank_state(4, rank, world))
+    manager.close()
+    return {"message": message, "undrained": undrained, "after": committed(LocalStorage(shm))}
+
+
+def test_retention_keeps_undrained_checkpoints(shm: str, tmp_path: os.PathLike[str]) -> None:
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    with open(disk_dir, "w") as f:
+        f.write("not a directory")
+    results = run_distributed(2, blocked_disk_run, shm, disk_dir, timeout=120)
+    for result in results:
+        for step in (1, 2, 3):
+            assert f"checkpoint {name(step)} did not reach tier {disk_dir}" in result["message"]
+        assert result["undrained"] == [name(1), name(2), name(3)], "keep_in_memory=1 yields"
+        assert result["after"] == [name(4)], "drained: the older ones are superseded"
+    assert committed(LocalStorage(disk_dir)) == [name(4)]
