@@ -256,9 +256,12 @@ class CheckpointManager:
                     handle.wait()
                 except Exception as exc:  # every rank sees the same failed save
                     log.error("unickpt: checkpoint %s failed: %s", name, exc)
-                    if self.tiers[source].memory:  # tmpfs is RAM: drop this node's leftovers
+                    memory = self.tiers[source]
+                    # tmpfs is RAM: drop this node's leftovers (never a committed checkpoint:
+                    # the save may have failed because one was already there)
+                    if memory.memory and not memory.storage.exists(f"{name}/{MANIFEST}"):
                         with contextlib.suppress(Exception):
-                            self.tiers[source].storage.delete_prefix(name)
+                            memory.storage.delete_prefix(name)
                     return
             self._publish(source, name)
             for index in range(source + 1, len(self.tiers)):
