@@ -34,8 +34,12 @@ converter, to show the layout really is a sharding of the plain model.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import enum
 import random
-from collections.abc import Callable
+import sys
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,6 +268,39 @@ def shard(cfg: GPTConfig, plain: str, tensor: torch.Tensor, tp: int) -> list[tor
     return [tensor.clone() for _ in range(tp)]  # norms, row-parallel biases, positions
 
 
+class AttnBackend(enum.Enum):
+    """Recent Megatron-LM keeps ``args.attention_backend`` as this enum, so its files reference
+    ``megatron.core.transformer.enums.AttnBackend``: a weights-only load must cope without
+    Megatron installed."""
+
+    flash = 1
+    fused = 2
+    unfused = 3
+    local = 4
+    auto = 5
+
+
+AttnBackend.__module__ = "megatron.core.transformer.enums"
+
+
+@contextlib.contextmanager
+def megatron_modules() -> Iterator[None]:
+    """Make pickle find :class:`AttnBackend` under Megatron's module name while saving."""
+    names = ["megatron", "megatron.core", "megatron.core.transformer", AttnBackend.__module__]
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[AttnBackend.__module__].AttnBackend = AttnBackend  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+
+
 def _args(cfg: GPTConfig, tp: int, pp: int, params_dtype: torch.dtype) -> argparse.Namespace:
     return argparse.Namespace(
         num_layers=cfg.layers,
@@ -284,6 +321,7 @@ def _args(cfg: GPTConfig, tp: int, pp: int, params_dtype: torch.dtype) -> argpar
         normalization=cfg.normalization,
         untie_embeddings_and_output_weights=False,
         transformer_impl="transformer_engine" if cfg.fused_norms else "local",
+        attention_backend=AttnBackend.auto,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=None,
@@ -410,7 +448,7 @@ def write_megatron_checkpoint(
                 ckpt["opt_param_scheduler"] = {"max_lr": 1e-3, "num_steps": 2}
             path = folder / rank_dir(r, stage, pp) / "model_optim_rng.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(ckpt, path)
+            write_rank(path, ckpt)
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     return root
 
@@ -455,15 +493,21 @@ def _megatron_optimizer(
 # -------------------------------------------------------- Megatron's forward, from the shards
 
 
+def read_rank(path: Path) -> dict[str, Any]:
+    """A rank file, fully unpickled (the harness trusts its own files)."""
+    with megatron_modules():
+        return torch.load(path, weights_only=False)  # type: ignore[no-any-return]
+
+
+def write_rank(path: Path, ckpt: dict[str, Any]) -> None:
+    with megatron_modules():
+        torch.save(ckpt, path)
+
+
 def load_ranks(root: Path, tp: int, pp: int) -> list[list[dict[str, torch.Tensor]]]:
     folder = root / f"iter_{ITERATION:07d}"
     return [
-        [
-            torch.load(folder / rank_dir(r, s, pp) / "model_optim_rng.pt", weights_only=False)[
-                "model"
-            ]
-            for r in range(tp)
-        ]
+        [read_rank(folder / rank_dir(r, s, pp) / "model_optim_rng.pt")["model"] for r in range(tp)]
         for s in range(pp)
     ]
 
@@ -558,7 +602,10 @@ __all__ = [
     "make_gpt",
     "make_optimizer",
     "megatron_logits",
+    "megatron_modules",
     "megatron_state",
+    "read_rank",
     "train",
     "write_megatron_checkpoint",
+    "write_rank",
 ]
