@@ -174,7 +174,12 @@ def test_bf16_weights_with_fp32_masters(
 def test_model_only(tmp_path: Path, reference: tuple[PlainGPT, torch.optim.AdamW]) -> None:
     model, _ = reference
     write_megatron_checkpoint(tmp_path / "src", model, tp=2, pp=2)
-    manifest = import_megatron(tmp_path / "src", str(tmp_path / "out"))
+    reports: list[tuple[int, int]] = []
+    manifest = import_megatron(
+        tmp_path / "src", str(tmp_path / "out"), progress=lambda *done: reports.append(done)
+    )
+    assert len(reports) == len(manifest.tensors)
+    assert reports[-1][0] == reports[-1][1] == sum(p.numel() * 4 for p in model.parameters())
     assert not any(key.startswith("optim.") for key in (*manifest.tensors, *manifest.objects))
     restored = PlainGPT(DEFAULT)
     unickpt.load(str(tmp_path / "out"), {"model": restored})

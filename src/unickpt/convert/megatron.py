@@ -436,7 +436,7 @@ def _check_args(files: list[list[_RankFile]], tp: int, pp: int) -> Any:
     return args
 
 
-def variables_from_args(args: Any, tp: int, pp: int) -> tuple[dict[str, int], list[str]]:
+def _variables_from_args(args: Any, tp: int, pp: int) -> tuple[dict[str, int], list[str]]:
     """Spec variables derived from a Megatron ``args`` Namespace, and the fields it lacks."""
     values = {"tp": tp, "pp": pp}
     missing: list[str] = []
@@ -486,7 +486,7 @@ def _resolve_spec(
                 "variables apply when the spec is given by name or path; this Spec is parsed"
             )
         return spec
-    derived, missing = variables_from_args(args, tp, pp)
+    derived, missing = _variables_from_args(args, tp, pp)
     given = dict(variables or {})
     if "vocab_size" in missing and "vocab_size" not in given and "vocab_size" in derived:
         warnings.warn(
