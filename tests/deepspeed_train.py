@@ -1,0 +1,261 @@
+"""Train a small LM with the real DeepSpeed engine on CPU and save DeepSpeed checkpoints.
+
+Usage::
+
+    DS_ACCELERATOR=cpu python tests/deepspeed_train.py OUT [--stages 1 2 3] [--dtypes fp32 bf16]
+        [--size tiny|bench] [--steps 3] [--universal]
+
+Spawns ``--world`` gloo ranks (default 2) that, for each ZeRO stage and dtype (fp32, or bf16 with
+fp32 master weights), build ``Net`` from the same seed, train ``--steps`` AdamW steps
+(``"torch_adam": true``, two parameter groups: decay and no-decay) on batches that are the same
+on every rank, and ``engine.save_checkpoint(OUT/<run>/ckpt, tag)`` where ``<run>`` is
+``zero<S>-<dtype>``. For fp32 one more step then runs, and rank 0 writes what it produced to
+``OUT/<run>/next.safetensors`` (the loss as ``loss`` and every updated parameter by FQN), so a
+test can check that a converted checkpoint resumes the same training. With ``--universal`` the
+parent process then runs DeepSpeed's ``ds_to_universal --inject_missing_state`` into
+``OUT/<run>/universal/<tag>`` for every run: the reference a conversion is compared against.
+
+Identical batches on every rank make the data-parallel gradient average exact ((g + g) / 2 == g),
+so a world-1 step from the same state reproduces DeepSpeed's step bit for bit.
+
+The model (``Net``) has a frozen parameter and a persistent buffer, odd sizes so ZeRO partitions
+split tensors mid-way and pad their flat groups, and a size preset for the benchmark.
+This module imports DeepSpeed only inside the ranks: tests import ``Net`` and ``batch`` cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TAG = "global_step{steps}"
+SEED = 0
+LR = 1e-2
+BETAS = (0.9, 0.95)
+EPS = 1e-8
+WEIGHT_DECAY = 0.1
+
+
+@dataclass(frozen=True)
+class Size:
+    vocab: int
+    hidden: int
+    ffn: int
+    layers: int
+    seq: int
+    batch: int
+
+
+SIZES = {
+    # odd numel everywhere: vocab 61, ffn 50 with 24 hidden -> 2 * 61 * 24 + ... (total is odd)
+    "tiny": Size(vocab=61, hidden=24, ffn=50, layers=2, seq=8, batch=4),
+    # ~270M parameters: what two ranks on this 2-core, 24 GiB machine train and save in minutes
+    "bench": Size(vocab=32003, hidden=1024, ffn=4096, layers=24, seq=16, batch=2),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, size: Size) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(size.hidden)
+        self.up = nn.Linear(size.hidden, size.ffn)
+        self.down = nn.Linear(size.ffn, size.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class Net(nn.Module):
+    """Embedding, frozen positions, residual MLP blocks, final norm, LM head; a scale buffer."""
+
+    def __init__(self, size: Size) -> None:
+        super().__init__()
+        self.size = size
+        self.embed = nn.Embedding(size.vocab, size.hidden)
+        self.pos = nn.Parameter(torch.randn(size.seq, size.hidden) * 0.02, requires_grad=False)
+        self.blocks = nn.ModuleList(Block(size) for _ in range(size.layers))
+        self.norm = nn.LayerNorm(size.hidden)
+        self.head = nn.Linear(size.hidden, size.vocab)
+        self.register_buffer("logit_scale", torch.tensor(0.75))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)) * self.logit_scale
+
+
+def make_net(size: Size, seed: int = SEED) -> Net:
+    """``Net`` initialised from ``seed``; LayerNorms perturbed so they hold real state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = Net(size)
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                if "norm" in name:
+                    param.add_(torch.randn_like(param), alpha=0.1)
+    return net
+
+
+def param_groups(net: nn.Module) -> list[dict[str, object]]:
+    """AdamW groups: matrices decay, vectors (biases, norms) do not; frozen ones are left out."""
+    decay, no_decay = [], []
+    for param in net.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": WEIGHT_DECAY},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def batch(size: Size, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of training step ``step``: the same on every rank."""
+    gen = torch.Generator().manual_seed(10_000 + step)
+    tokens = torch.randint(0, size.vocab, (size.batch, size.seq + 1), generator=gen)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_fn(net: nn.Module, size: Size, step: int) -> torch.Tensor:
+    inputs, targets = batch(size, step)
+    logits = net(inputs)
+    return F.cross_entropy(logits.reshape(-1, size.vocab).float(), targets.reshape(-1))
+
+
+def ds_config(stage: int, dtype: str, size: Size) -> dict[str, object]:
+    config: dict[str, object] = {
+        "train_micro_batch_size_per_gpu": size.batch,
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 1 << 30,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": LR,
+                "betas": list(BETAS),
+                "eps": EPS,
+                "weight_decay": WEIGHT_DECAY,
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": stage},
+    }
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def run_name(stage: int, dtype: str) -> str:
+    return f"zero{stage}-{dtype}"
+
+
+def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import deepspeed  # slow (seconds): only the ranks pay for it
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    size = SIZES[args.size]
+    tag = TAG.format(steps=args.steps)
+    for stage, dtype in _runs(args):
+        out = os.path.join(args.out, run_name(stage, dtype))
+        started = time.monotonic()
+        net = make_net(size)
+        engine, *_ = deepspeed.initialize(
+            model=net,
+            model_parameters=param_groups(net),
+            config=ds_config(stage, dtype, size),
+        )
+        for step in range(args.steps):
+            engine.backward(loss_fn(engine, size, step))
+            engine.step()
+        engine.save_checkpoint(os.path.join(out, "ckpt"), tag=tag)
+        saved = time.monotonic()
+        if args.next_step and dtype == "fp32":
+            loss = loss_fn(engine, size, args.steps)
+            engine.backward(loss)
+            engine.step()
+            params = list(engine.module.named_parameters())
+            with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
+                if rank == 0:
+                    from safetensors.torch import save_file
+
+                    tensors = {name: p.detach().float().clone() for name, p in params}
+                    tensors["loss"] = loss.detach().float().reshape(())
+                    save_file(tensors, os.path.join(out, "next.safetensors"))
+        engine.destroy()
+        if rank == 0:
+            print(f"{run_name(stage, dtype)}: trained, saved in {saved - started:.1f}s", flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[int, str]]:
+    return [(stage, dtype) for stage in args.stages for dtype in args.dtypes]
+
+
+def universal(ckpt: str, tag: str, out: str) -> None:
+    """DeepSpeed's converter (``python -m deepspeed.checkpoint.ds_to_universal
+    --inject_missing_state``) on checkpoint ``ckpt/tag``: the same entry point, run in this
+    process so several conversions import DeepSpeed once; one worker, as the checkpoints are tiny.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = sys.argv
+    sys.argv = [
+        "ds_to_universal",
+        *("--input_folder", os.path.join(ckpt, tag), "--output_folder", out),
+        *("--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"),
+    ]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal.main(ds_to_universal.parse_arguments())
+    finally:
+        sys.argv = argv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--dtypes", choices=["fp32", "bf16"], nargs="+", default=["fp32"])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--no-next-step", dest="next_step", action="store_false")
+    parser.add_argument("--universal", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({**vars(args), "size": asdict(SIZES[args.size])}, f)
+
+    import torch.multiprocessing as mp
+
+    from dist_harness import free_port
+
+    mp.spawn(_rank_main, args=(args.world, free_port(), args), nprocs=args.world)
+    if args.universal:
+        tag = TAG.format(steps=args.steps)
+        for stage, dtype in _runs(args):
+            run = os.path.join(args.out, run_name(stage, dtype))
+            universal(os.path.join(run, "ckpt"), tag, os.path.join(run, "universal", tag))
+
+
+if __name__ == "__main__":
+    main()
