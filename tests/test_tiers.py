@@ -350,3 +350,21 @@ def test_retention_keeps_undrained_checkpoints(shm: str, tmp_path: os.PathLike[s
         assert result["undrained"] == [name(1), name(2), name(3)], "keep_in_memory=1 yields"
         assert result["after"] == [name(4)], "drained: the older ones are superseded"
     assert committed(LocalStorage(disk_dir)) == [name(4)]
+
+
+def test_a_drain_never_overwrites_a_different_checkpoint(
+    shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    """A run that went back and saved a step again: the slower tier's older copy of that name is
+    reported, not replaced nor silently taken for the new one."""
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    manager = CheckpointManager([f"memory://{shm}", disk_dir], every_n_steps=1, mode="sync")
+    manager.maybe_save(1, rank_state(1, 0, 1))
+    manager.wait()
+    before = LocalStorage(disk_dir).read(f"{name(1)}/manifest.json")
+    shutil.rmtree(os.path.join(shm, name(1)))
+    manager.maybe_save(1, rank_state(2, 0, 1))
+    with pytest.raises(unickpt.StorageError, match="already holds a different checkpoint"):
+        manager.close()
+    assert LocalStorage(disk_dir).read(f"{name(1)}/manifest.json") == before
+    assert committed(LocalStorage(shm)) == [name(1)], "the only copy of the new save stays"

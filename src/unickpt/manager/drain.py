@@ -107,10 +107,15 @@ def drain(comm: Comm, source_root: Storage, target_root: Storage, name: str) -> 
     intro: dict[str, object] = {"error": None, "present": False, "files": {}}
     if comm.rank == 0:
         try:
+            text = source.read(MANIFEST)
             if target.exists(MANIFEST):
+                if target.read(MANIFEST) != text:  # e.g. a run that went back and re-saved
+                    raise StorageError(
+                        f"{target.url} already holds a different checkpoint of that name; "
+                        "it is not overwritten"
+                    )
                 intro["present"] = True
             else:
-                text = source.read(MANIFEST)
                 manifest = Manifest.from_json(text, where=source.describe(MANIFEST))
                 intro["files"] = manifest.files
                 _mark_inflight(target)
