@@ -244,7 +244,12 @@ def pad_rows(tensor: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
 
 
 def shard(cfg: GPTConfig, plain: str, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """The TP pieces of a plain parameter (or of a same-shaped optimizer moment)."""
+    """The TP pieces of a plain parameter (or of a same-shaped optimizer moment), each compact
+    in memory as Megatron's are (a saved view would drag its whole base storage along)."""
+    return [p.clone(memory_format=torch.contiguous_format) for p in _pieces(cfg, plain, tensor, tp)]
+
+
+def _pieces(cfg: GPTConfig, plain: str, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
     module = plain.split(".")[-2] if plain.startswith("layers.") else plain.split(".")[0]
     if plain == "embed.weight":
         return list(pad_rows(tensor, cfg.padded_vocab(tp), seed=tp).chunk(tp))
@@ -265,7 +270,7 @@ def shard(cfg: GPTConfig, plain: str, tensor: torch.Tensor, tp: int) -> list[tor
         return [torch.cat(pair) for pair in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
     if module in ("proj", "fc2") and plain.endswith(".weight"):
         return list(tensor.chunk(tp, dim=1))
-    return [tensor.clone() for _ in range(tp)]  # norms, row-parallel biases, positions
+    return [tensor] * tp  # norms, row-parallel biases, positions
 
 
 class AttnBackend(enum.Enum):
@@ -285,7 +290,8 @@ AttnBackend.__module__ = "megatron.core.transformer.enums"
 
 @contextlib.contextmanager
 def megatron_modules() -> Iterator[None]:
-    """Make pickle find :class:`AttnBackend` under Megatron's module name while saving."""
+    """Make pickle find :class:`AttnBackend` under Megatron's module name (saving, or a full
+    unpickling of the harness's files) without Megatron installed."""
     names = ["megatron", "megatron.core", "megatron.core.transformer", AttnBackend.__module__]
     saved = {name: sys.modules.get(name) for name in names}
     for name in names:

@@ -126,7 +126,7 @@ def import_megatron(
 
     model_stages = [[rank.model_tensors() for rank in stage] for stage in files]
     model = the_spec.merge(model_stages)
-    optimizer_state, param_groups = _merge_optimizer(the_spec, files, model_stages, model)
+    optimizer_state, param_groups = _merge_optimizer(the_spec, files, model_stages, model, releaser)
     first = files[0][0]
     source = {
         "format": "megatron",
@@ -537,6 +537,7 @@ def _merge_optimizer(
     files: list[list[_RankFile]],
     model_stages: list[list[dict[str, LazyTensor]]],
     model: Mapping[str, LazyTensor],
+    releaser: _PageReleaser,
 ) -> tuple[dict[str, dict[str, LazyTensor]] | None, list[dict[str, Any]] | None]:
     """Merged optimizer state per output parameter, and the output param groups."""
     ranks = [rank for stage in files for rank in stage]
@@ -565,7 +566,7 @@ def _merge_optimizer(
             [{k: v[slot] for k, v in rank.state.items()} for rank in stage] for stage in files
         ]
         for key, lazy in spec.merge(stages).items():
-            state.setdefault(key, {})[slot] = lazy
+            state.setdefault(key, {})[slot] = releaser.output(lazy)
     if step is not None:
         for key in state:
             state[key] = {"step": optimizer_step(step), **state[key]}
