@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -87,3 +88,19 @@ def test_scheduler_and_stateful_objects_round_trip(tmp_path: os.PathLike[str]) -
     assert optim2.param_groups[0]["lr"] == optim.param_groups[0]["lr"] == 0.25
     scheduler.step(), scheduler2.step()
     assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_optimizer_state_follows_names_whatever_the_group_order(tmp_path: pathlib.Path) -> None:
+    """Converted checkpoints list a group's parameters in the source framework's order."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(5, 4)).sum().backward()
+    adam.step()
+    unickpt.save(str(tmp_path / "c"), {"model": model, "optim": adam})
+
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    reordered = torch.optim.Adam(list(twin.parameters())[::-1], lr=0.5)
+    unickpt.load(str(tmp_path / "c"), {"model": twin, "optim": reordered})
+    assert reordered.param_groups[0]["lr"] == 0.01
+    for param, source in zip(twin.parameters(), model.parameters(), strict=True):
+        assert torch.equal(reordered.state[param]["exp_avg"], adam.state[source]["exp_avg"])

@@ -165,7 +165,7 @@ class Rule:
             return LazyTensor(
                 tuple(trimmed),
                 first.dtype,
-                lambda: _concat(pieces, self.dim).narrow(self.dim, 0, self.true_size).clone(),
+                lambda: _concat(pieces, self.dim, keep=self.true_size),
                 origin,
             )
         assert self.action == "fused"
@@ -229,15 +229,21 @@ def _concat_shape(key: str, shapes: list[tuple[int, ...]], dim: int, where: str)
     return tuple(out)
 
 
-def _concat(pieces: Sequence[LazyTensor], dim: int) -> torch.Tensor:
-    if len(pieces) == 1:
+def _concat(pieces: Sequence[LazyTensor], dim: int, keep: int | None = None) -> torch.Tensor:
+    """The pieces concatenated on ``dim``, of which only the first ``keep`` entries are built
+    (vocabulary padding is never copied)."""
+    shape = list(_concat_shape("", [p.shape for p in pieces], dim, ""))
+    dim %= len(shape)
+    shape[dim] = shape[dim] if keep is None else keep
+    if len(pieces) == 1 and keep is None:
         return pieces[0].load()
-    shape = _concat_shape("", [p.shape for p in pieces], dim, "")
     out = torch.empty(shape, dtype=pieces[0].dtype)
     position = 0
     for piece in pieces:
-        size = piece.shape[dim % len(shape)]
-        out.narrow(dim, position, size).copy_(piece.load())
+        size = min(piece.shape[dim], shape[dim] - position)
+        if size <= 0:
+            break
+        out.narrow(dim, position, size).copy_(piece.load().narrow(dim, 0, size))
         position += size
     return out
 
@@ -427,10 +433,22 @@ class Spec:
                     rule = _PASS_THROUGH
                 if rule.action == "drop":
                     continue
+                missing = [tp for tp, rank in enumerate(ranks) if local_key not in rank]
+                if missing:
+                    raise ConversionError(
+                        f"{global_key!r} (stage {stage}) is missing on TP rank(s) {missing}"
+                    )
                 out_key = rule.output_key(global_key)
+                candidate = rule.merge(global_key, [rank[local_key] for rank in ranks])
                 if out_key in producer:
                     first_stage, first_key = producer[out_key]
                     if first_stage != stage and rule.pipeline_replicated:
+                        if candidate.shape != merged[out_key].shape:
+                            raise ConversionError(
+                                f"{out_key!r}: stage {stage}'s copy ({global_key!r}) has shape "
+                                f"{list(candidate.shape)}, stage {first_stage}'s "
+                                f"{list(merged[out_key].shape)}: not copies of one tensor"
+                            )
                         continue
                     raise ConversionError(
                         f"output {out_key!r} comes from {first_key!r} (stage {first_stage}) and "
@@ -439,13 +457,8 @@ class Spec:
                         if first_stage != stage
                         else f"keys {first_key!r} and {global_key!r} both become {out_key!r}"
                     )
-                missing = [tp for tp, rank in enumerate(ranks) if local_key not in rank]
-                if missing:
-                    raise ConversionError(
-                        f"{global_key!r} (stage {stage}) is missing on TP rank(s) {missing}"
-                    )
                 producer[out_key] = (stage, global_key)
-                merged[out_key] = rule.merge(global_key, [rank[local_key] for rank in ranks])
+                merged[out_key] = candidate
         if unmatched:
             raise ConversionError(
                 f"spec {self.name!r} has no rule for {len(unmatched)} key(s) (strict mode): "

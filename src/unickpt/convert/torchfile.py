@@ -64,6 +64,11 @@ def load_torch_file(
             f"({_first_line(exc)}). Unpickling them can execute arbitrary code: re-run with "
             "--trust-pickle (trust_pickle=True) only if you trust where this file came from"
         ) from exc
+    except (ImportError, AttributeError) as exc:  # trusted, but its classes are not importable
+        raise CorruptCheckpointError(
+            f"{where} cannot be unpickled here: {type(exc).__name__}: {exc} (the code that "
+            "wrote it must be installed to unpickle its objects)"
+        ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpointError(f"{where} is not a readable torch file: {exc}") from exc
 

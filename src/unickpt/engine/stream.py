@@ -110,8 +110,8 @@ def _lay_out(
 
 
 class _BackgroundWriter:
-    """One thread writing what the caller produces: production overlaps I/O, and at most two
-    tensors (the one being written, the one just produced) are alive at once."""
+    """One thread writing what the caller produces: production overlaps I/O, and at most three
+    tensors (being written, queued, being produced) are alive at once."""
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[Writer, memoryview | bytes] | None] = queue.Queue(1)

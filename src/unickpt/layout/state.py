@@ -249,7 +249,9 @@ def _load_optimizer(
                 )
             for live_group, saved_group in zip(groups, saved, strict=True):
                 expected = [pnames[i] for i in live_group["params"]]
-                if saved_group.get("params") != expected:
+                # The same parameters, in any order: state is keyed by name, not position.
+                saved_params = saved_group.get("params")
+                if not isinstance(saved_params, list) or sorted(saved_params) != sorted(expected):
                     raise StateMismatchError(
                         f"{key}: param group parameters differ: checkpoint "
                         f"{saved_group.get('params')} vs optimizer {expected}"
