@@ -1,21 +1,38 @@
-"""``unickpt inspect | verify | gc``."""
+"""``unickpt inspect | verify | gc | convert | export-hf``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
+from enum import Enum
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
+from unickpt.convert.dcp import import_dcp
+from unickpt.convert.deepspeed import import_deepspeed
+from unickpt.convert.export_hf import export_hf
+from unickpt.convert.hf import import_hf
+from unickpt.convert.megatron import DEFAULT_SPEC as DEFAULT_MEGATRON_SPEC
+from unickpt.convert.megatron import import_megatron
 from unickpt.errors import CheckpointError, IncompleteCheckpointError
 from unickpt.tools import collect_garbage, inspect, verify
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Universal checkpoints: inspect, verify and clean them up.",
+    help="Universal checkpoints: inspect, verify, clean up, convert from other frameworks, "
+    "export to Hugging Face.",
 )
 # soft_wrap: long paths and messages stay on one line in logs instead of being cut at 80 columns.
 out = Console(soft_wrap=True)
@@ -35,6 +52,21 @@ def _fail(exc: CheckpointError) -> typer.Exit:
     label = "INCOMPLETE" if isinstance(exc, IncompleteCheckpointError) else "ERROR"
     err.print(f"[bold red]{label}[/]: {exc}", markup=True, highlight=False)
     return typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A byte-progress bar on a terminal; nothing in logs and CI."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @app.command("inspect")
@@ -78,13 +110,9 @@ def inspect_cmd(
 @app.command("verify")
 def verify_cmd(path: str) -> None:
     """Check every file and chunk checksum; exit 1 naming each problem."""
-    # A bar on a terminal only: logs and CI get the one-line verdict.
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("verifying", total=None)
+    with _progress("verifying") as progress:
         try:
-            report = verify(
-                path, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
+            report = verify(path, progress=progress)
         except CheckpointError as exc:
             raise _fail(exc) from exc
     out.print(
@@ -114,6 +142,105 @@ def gc_cmd(
             f"{verb} {entry.name} (incomplete){': ' + entry.reason if entry.reason else ''}",
             highlight=False,
         )
+
+
+class Source(str, Enum):
+    deepspeed = "deepspeed"
+    megatron = "megatron"
+    dcp = "dcp"
+    hf = "hf"
+
+
+def _variables(assignments: list[str]) -> dict[str, int]:
+    values = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        try:
+            values[name.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"--set expects NAME=INTEGER, got {item!r}")
+    return values
+
+
+@app.command("convert")
+def convert_cmd(
+    src: str,
+    dst: str,
+    source: Source = typer.Option(..., "--from", help="The framework that wrote SRC."),  # noqa: B008
+    spec: str | None = typer.Option(
+        None, help="Conversion spec: a YAML file or a shipped spec's name (docs/CONVERT.md)."
+    ),
+    assignments: list[str] = typer.Option(  # noqa: B008 - typer declares options this way
+        [], "--set", help="Spec variable NAME=INTEGER (repeatable)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False,
+        "--trust-pickle",
+        help="Allow arbitrary pickled objects in SRC. Unpickling can execute code: only for "
+        "files you trust.",
+    ),
+) -> None:
+    """Convert a DeepSpeed, Megatron, DCP or HF checkpoint at SRC into a unickpt one at DST."""
+    variables = _variables(assignments)
+    if source in (Source.dcp, Source.hf) and (variables or (spec and source is Source.dcp)):
+        raise typer.BadParameter(f"--from {source.value} takes no spec variables")
+    with _progress(f"converting {source.value}") as progress:
+        try:
+            if source is Source.deepspeed:
+                manifest = import_deepspeed(
+                    src,
+                    dst,
+                    spec=spec,
+                    variables=variables,
+                    trust_pickle=trust_pickle,
+                    progress=progress,
+                )
+            elif source is Source.megatron:
+                manifest = import_megatron(
+                    src,
+                    dst,
+                    spec=spec or DEFAULT_MEGATRON_SPEC,
+                    variables=variables,
+                    trust_pickle=trust_pickle,
+                    progress=progress,
+                )
+            elif source is Source.dcp:
+                manifest = import_dcp(src, dst, trust_pickle=trust_pickle, progress=progress)
+            else:
+                manifest = import_hf(src, dst, spec=spec, progress=progress)
+        except CheckpointError as exc:
+            raise _fail(exc) from exc
+    out.print(
+        f"converted {src} ({source.value}) -> {dst}: {len(manifest.tensors)} tensors, "
+        f"{_size(manifest.total_bytes)}",
+        highlight=False,
+    )
+
+
+@app.command("export-hf")
+def export_hf_cmd(
+    src: str,
+    dst: str,
+    spec: str | None = typer.Option(None, help="Spec whose rename rules map the names."),
+    max_shard_size: str = typer.Option("5GB", help="Largest file, e.g. 5GB, 500MB, 2GiB."),
+    dtype: str | None = typer.Option(None, help="Cast floating tensors: bf16, fp16 or fp32."),
+) -> None:
+    """Export the model of the unickpt checkpoint SRC as Hugging Face safetensors into DST."""
+    with _progress("exporting") as progress:
+        try:
+            files = export_hf(
+                src,
+                dst,
+                spec=spec,
+                max_shard_size=max_shard_size,
+                dtype=dtype,
+                progress=progress,
+            )
+        except CheckpointError as exc:
+            raise _fail(exc) from exc
+    out.print(f"exported {src} -> {dst}: {len(files)} file(s)", highlight=False)
 
 
 def main() -> None:
