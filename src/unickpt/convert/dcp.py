@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import torch
 
-from unickpt.convert.hf import open_location
+from unickpt.convert.hf import mapped_empty, open_location, release_freed_memory
 from unickpt.engine.stream import LazyTensor, Progress, stream_save
 from unickpt.errors import (
     CheckpointNotFoundError,
@@ -400,10 +400,11 @@ class _Items:
         """The global tensor, assembled from its chunks when materialised."""
 
         def load() -> torch.Tensor:
+            release_freed_memory()  # earlier chunks torch.load put on the heap (mapped_empty)
             (box, stored), *rest = tensor.chunks
             if not rest and box.sizes == tensor.shape:
                 return self.chunk(fqn, tensor, box, stored)
-            out = torch.empty(tensor.shape, dtype=tensor.dtype)
+            out = mapped_empty(tensor.shape, tensor.dtype)
             for box, stored in tensor.chunks:
                 out[box.slices()].copy_(self.chunk(fqn, tensor, box, stored))
             return out

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from unickpt.convert.hf import INDEX_FILE, SINGLE_FILE, open_location, parse_spec
+from unickpt.convert.hf import INDEX_FILE, SINGLE_FILE, mapped_empty, open_location, parse_spec
 from unickpt.convert.spec import Spec
 from unickpt.engine.buffers import tensor_bytes
 from unickpt.engine.load import CheckpointReader
@@ -194,9 +194,10 @@ def _write_shard(
         with storage.open_writer(file) as writer:
             writer.write(header)
             for export in members:
-                tensor = reader.read(export.key)
+                meta = reader.manifest.tensors[export.key]
+                tensor = reader.read(export.key, mapped_empty(meta.shape, torch_dtype(meta.dtype)))
                 if tensor.dtype != export.dtype:
-                    tensor = tensor.to(export.dtype)
+                    tensor = mapped_empty(export.shape, export.dtype).copy_(tensor)
                 writer.write(tensor_bytes(tensor))
                 del tensor
                 wrote(export.nbytes)
