@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -212,12 +213,10 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep the trained checkpoint")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    import deepspeed
-
     result: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(args.dir),
-        "deepspeed": deepspeed.__version__,
+        "deepspeed": importlib.metadata.version("deepspeed"),  # fails early when absent
         "repeats": args.repeats,
     }
     result["training"] = train(args.dir)
