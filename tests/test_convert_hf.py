@@ -181,3 +181,53 @@ def test_index_disagreeing_with_the_shards_is_refused(tmp_path: Path) -> None:
     index.write_text(json.dumps(unlisted))
     with pytest.raises(CorruptCheckpointError, match=r"holds tensor 'lm_head\.weight'.*not list"):
         import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_s3_source_and_destination_through_storage_options(tmp_path: Path) -> None:
+    """HF shards in a bucket -> local unickpt -> HF back into the bucket; the endpoint and keys
+    come only from ``storage_options``, which reach the s3:// side whichever it is."""
+    pytest.importorskip("moto")
+    import boto3
+    from s3_server import MotoServer
+
+    from unickpt.storage import LocalStorage, S3Storage
+
+    server = MotoServer()
+    server.start()
+    try:
+        options = {
+            "endpoint_url": server.endpoint,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        }
+        with pytest.MonkeyPatch.context() as patch:  # nothing from this machine's AWS setup
+            for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+                patch.delenv(name, raising=False)
+            patch.setenv("AWS_CONFIG_FILE", os.devnull)
+            patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+            patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            boto3.client("s3", **options).create_bucket(Bucket="unickpt-hf")
+            tensors = _tensors()
+            _write_sharded(tmp_path / "hf", tensors)
+            local, bucket = (
+                LocalStorage(str(tmp_path / "hf")),
+                S3Storage("s3://unickpt-hf/src", options),
+            )
+            for file in local.list():
+                bucket.put_atomic(file, local.read(file))
+            import_hf("s3://unickpt-hf/src", tmp_path / "unickpt", storage_options=options)
+            files = export_hf(
+                tmp_path / "unickpt",
+                "s3://unickpt-hf/out",
+                max_shard_size=3000,
+                storage_options=options,
+            )
+            out = S3Storage("s3://unickpt-hf/out", options)
+            assert sorted(out.list()) == sorted(files)
+            for file in files:
+                (tmp_path / "back").mkdir(exist_ok=True)
+                (tmp_path / "back" / file).write_bytes(out.read(file))
+        _assert_identical(_load_export(tmp_path / "back"), tensors)
+    finally:
+        server.stop()
