@@ -131,7 +131,9 @@ def test_spec_renames_drops_and_refuses_collisions(
         "unickpt_spec: 1\nrules:\n  - match: '^(a|b)\\.weight$'\n    replicated: true\n"
         "    rename: 'same'\n  - match: '.*'\n    replicated: true\n"
     )
-    with pytest.raises(ConversionError, match="would both be exported as 'same'"):
+    with pytest.raises(
+        ConversionError, match=r"keys 'a\.weight' and 'b\.weight' both become 'same'"
+    ):
         export_hf(src, tmp_path / "collide", spec=spec)
 
 

@@ -41,7 +41,7 @@ from unickpt.convert.hf import INDEX_FILE, SINGLE_FILE, mapped_empty, open_locat
 from unickpt.convert.spec import Spec
 from unickpt.engine.buffers import tensor_bytes
 from unickpt.engine.load import CheckpointReader
-from unickpt.engine.stream import Progress
+from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import CheckpointError, ConversionError, StorageError
 from unickpt.format.dtypes import dtype_name, torch_dtype
 from unickpt.format.safetensors_file import FileEntry, encode_header
@@ -108,55 +108,40 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class _Export:
-    """One exported tensor: its HF name, its checkpoint key and what it becomes."""
+    """One exported tensor: its HF name, where it comes from and the dtype it is written in."""
 
     name: str
-    key: str
+    source: LazyTensor
     dtype: torch.dtype
-    shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.source.shape) * self.dtype.itemsize
 
 
 def _plan(reader: CheckpointReader, rules: Spec | None, cast: torch.dtype | None) -> list[_Export]:
     """The exported tensors, in name order, after the spec's renames and drops."""
-    plan: list[_Export] = []
-    unmatched: list[str] = []
-    source_of: dict[str, str] = {}
-    for key, meta in reader.manifest.tensors.items():
-        if not key.startswith(MODEL_PREFIX) or meta.encoding != "raw":
-            continue
-        name = key[len(MODEL_PREFIX) :]
-        rule = None if rules is None else rules.rule_for(name)
-        if rules is not None and rule is None and rules.strict:
-            unmatched.append(name)
-            continue
-        if rule is not None:
-            if rule.action == "drop":
-                continue
-            name = rule.output_key(name)
-        if name in source_of:
-            raise ConversionError(
-                f"checkpoint tensors {source_of[name]!r} and {key!r} would both be exported "
-                f"as {name!r}"
-            )
-        source_of[name] = key
-        dtype = torch_dtype(meta.dtype)
-        if cast is not None and dtype.is_floating_point:
-            dtype = cast
-        plan.append(_Export(name, key, dtype, meta.shape))
-    if unmatched:
-        assert rules is not None
-        raise ConversionError(
-            f"spec {rules.name!r} has no rule for {len(unmatched)} tensor(s) (strict mode): "
-            + ", ".join(unmatched[:50])
-            + (" ..." if len(unmatched) > 50 else "")
-        )
-    if not plan:
+
+    def read(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> LazyTensor:
+        return LazyTensor(shape, dtype, lambda: reader.read(key, mapped_empty(shape, dtype)), key)
+
+    model = {
+        key[len(MODEL_PREFIX) :]: read(key, meta.shape, torch_dtype(meta.dtype))
+        for key, meta in reader.manifest.tensors.items()
+        if key.startswith(MODEL_PREFIX) and meta.encoding == "raw"
+    }
+    if rules is not None:  # one stage of one rank: the rules' drops and renames apply
+        model = rules.merge([[model]])
+    if not model:
         raise ConversionError(f"checkpoint {reader.storage.url} has no model tensor to export")
-    return sorted(plan, key=lambda e: e.name)
+    return [
+        _Export(
+            name,
+            lazy,
+            cast if cast is not None and lazy.dtype.is_floating_point else lazy.dtype,
+        )
+        for name, lazy in sorted(model.items())
+    ]
 
 
 def shard(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
@@ -183,21 +168,20 @@ def _write_shard(
     storage: Storage,
     file: str,
     members: Sequence[_Export],
-    reader: CheckpointReader,
     wrote: Callable[[int], None],
 ) -> None:
     entries = [
-        FileEntry(e.name, dtype_name(e.dtype, key=e.key), e.shape, e.nbytes) for e in members
+        FileEntry(e.name, dtype_name(e.dtype, key=e.name), e.source.shape, e.nbytes)
+        for e in members
     ]
     header, _ = encode_header(entries, dict(HF_METADATA))
     try:
         with storage.open_writer(file) as writer:
             writer.write(header)
             for export in members:
-                meta = reader.manifest.tensors[export.key]
-                tensor = reader.read(export.key, mapped_empty(meta.shape, torch_dtype(meta.dtype)))
+                tensor = export.source.materialize(export.name)
                 if tensor.dtype != export.dtype:
-                    tensor = mapped_empty(export.shape, export.dtype).copy_(tensor)
+                    tensor = mapped_empty(tensor.shape, export.dtype).copy_(tensor)
                 writer.write(tensor_bytes(tensor))
                 del tensor
                 wrote(export.nbytes)
@@ -254,7 +238,7 @@ def export_hf(
                 progress(done, total)
 
         for file, group in zip(files, groups, strict=True):
-            _write_shard(storage, file, [plan[i] for i in group], reader, wrote)
+            _write_shard(storage, file, [plan[i] for i in group], wrote)
     written = list(files)
     if len(files) > 1:
         weight_map = {

@@ -43,7 +43,16 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20  # an index maps names to file names; anything larger is not one
 MAPPED_BYTES = 1 << 20
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the C library already loaded
+
+
+def _malloc_trim() -> Any:
+    try:  # glibc only; the C library this process already uses
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def _safetensors_dtypes() -> dict[str, torch.dtype]:
