@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import warnings
@@ -43,9 +44,10 @@ from typing import IO, Any
 
 import torch
 
-from unickpt.convert.hf import mapped_empty, open_location, release_freed_memory
+from unickpt.convert.hf import MAPPED_BYTES, mapped_empty, open_location, release_freed_memory
 from unickpt.engine.stream import LazyTensor, Progress, stream_save
 from unickpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ConversionError,
     CorruptCheckpointError,
@@ -55,7 +57,7 @@ from unickpt.errors import (
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import Manifest
 from unickpt.layout.box import Box, tiling_problem
-from unickpt.storage import Reader, Storage, check_relative_path
+from unickpt.storage import Reader, Storage
 
 METADATA_FILE = ".metadata"
 MAX_METADATA_BYTES = 4 << 30
@@ -231,7 +233,6 @@ def _storage_index(metadata: Any, storage: Storage, where: str) -> dict[tuple[st
         if type(start) is not int or type(length) is not int or start < 0 or length < 0:
             raise CorruptCheckpointError(f"{where}: {fqn!r} has byte range {start!r}+{length!r}")
         if file not in checked:
-            check_relative_path(file)
             storage.check_inside(file)
             checked.add(file)
         key = None if offset is None else _ints(offset, "chunk offset", where)
@@ -400,7 +401,8 @@ class _Items:
         """The global tensor, assembled from its chunks when materialised."""
 
         def load() -> torch.Tensor:
-            release_freed_memory()  # earlier chunks torch.load put on the heap (mapped_empty)
+            if math.prod(tensor.shape) * tensor.dtype.itemsize >= MAPPED_BYTES:
+                release_freed_memory()  # earlier chunks torch.load put on the heap
             (box, stored), *rest = tensor.chunks
             if not rest and box.sizes == tensor.shape:
                 return self.chunk(fqn, tensor, box, stored)
@@ -514,7 +516,16 @@ def import_dcp(
     ``progress(done, total)`` is called in bytes.
     """
     storage = open_location(src, storage_options)
-    items = parse_metadata(read_metadata(storage, trust_pickle=trust_pickle), storage)
+    metadata = read_metadata(storage, trust_pickle=trust_pickle)
+    try:
+        items = parse_metadata(metadata, storage)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # records shaped unlike DCP's (a crafted or foreign pickle)
+        raise CorruptCheckpointError(
+            f"{storage.describe(METADATA_FILE)} does not describe a DCP checkpoint: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     reader = _Items(storage)
     try:
         values: dict[str, Any] = {}

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from unickpt.convert.spec import Spec
+from unickpt.convert.spec import Rule, Spec
 from unickpt.convert.target import optimizer_step, write_converted
 from unickpt.convert.torchfile import load_torch_file, release_pages
 from unickpt.engine.stream import LazyTensor, Progress
@@ -421,11 +421,6 @@ def import_deepspeed(
     committed manifest.
     """
     folder = checkpoint_folder(src, tag)
-    rules = (
-        spec
-        if isinstance(spec, Spec)
-        else Spec.load(os.fspath(spec or "plain"), variables=variables)
-    )
 
     opened: dict[Path, Any] = {}
 
@@ -472,6 +467,14 @@ def import_deepspeed(
             f"{folder}: {len(ranks)} model-parallel rank(s) do not split into {pp_degree} stages"
         )
     tp_degree = len(ranks) // pp_degree
+    if isinstance(spec, Spec):
+        rules = spec
+    elif spec is not None:
+        rules = Spec.load(os.fspath(spec), variables=variables)
+    elif len(ranks) > 1:
+        rules = universal_spec(info.get("universal_checkpoint_info"), ranks[:tp_degree])
+    else:
+        rules = Spec.load("plain")
     # model-parallel rank i is pipeline stage i // tp, tensor-parallel rank i % tp
     stages = [ranks[p * tp_degree : (p + 1) * tp_degree] for p in range(pp_degree)]
     model = rules.merge([[r.model() for r in stage_ranks] for stage_ranks in stages])
@@ -516,6 +519,61 @@ def import_deepspeed(
         storage_options=storage_options,
         progress=progress,
     )
+
+
+# DeepSpeed's universal-checkpoint metadata (UNIVERSAL_CHECKPOINT_INFO): regexes, `re.match`ed
+# against parameter names, saying how the TP copies of a parameter merge.
+_REPLICATED = "tp_replicated_parameter_patterns"
+_AVERAGED = "parameter_to_average_patterns"
+_ROW_PARALLEL = "parameter_with_row_parallelism_patterns"
+_VOCABULARY = "vocabulary_parameter_patterns"
+_TWO_SUB_PARAMS = "parameter_with_2_sub_params_cat_dim_0"
+_SUB_PARAMS = "parameter_with_sub_params"
+_PIPELINE_REPLICATED = "pipeline_replicated_parameter_patterns"
+
+
+def universal_spec(info: Any, ranks: Sequence[_RankState]) -> Spec:
+    """The spec that a tensor-parallel checkpoint's own ``universal_checkpoint_info`` implies:
+    one rule per tensor, merging it as DeepSpeed's ``ds_to_universal`` does. Trained parameters
+    in no category are column-parallel (concatenated on dim 0); other module tensors (buffers,
+    frozen parameters) are replicated. Categories it cannot express (sub-parameter shapes,
+    pipeline replication) are refused: pass a spec instead."""
+    if not isinstance(info, Mapping):
+        raise ConversionError(
+            "a tensor-parallel DeepSpeed checkpoint without universal_checkpoint_info: pass a "
+            "spec (docs/CONVERT.md) saying how its tensors merge"
+        )
+
+    def matches(category: str, name: str) -> bool:
+        return any(re.match(p, name) for p in info.get(category) or ())
+
+    rules: list[Rule] = []
+    pieces = len(ranks)
+    for name in dict.fromkeys(n for r in ranks for n in r.order):
+        where = f"universal_checkpoint_info of {name!r}"
+        exact = re.compile(f"^{re.escape(name)}$")
+        if matches(_SUB_PARAMS, name) or matches(_PIPELINE_REPLICATED, name):
+            raise ConversionError(
+                f"{name}: its universal_checkpoint_info uses {_SUB_PARAMS} or "
+                f"{_PIPELINE_REPLICATED}, which unickpt does not derive a merge from: pass a spec"
+            )
+        trained = name in ranks[0].params
+        if matches(_REPLICATED, name) or not trained:
+            rule = Rule(exact, "replicated", where=where)
+        elif matches(_AVERAGED, name):
+            rule = Rule(exact, "average", where=where)
+        elif matches(_TWO_SUB_PARAMS, name):
+            rows = ranks[0].params[name].shape[0] * pieces // 2
+            rule = Rule(exact, "fused", parts=(rows, rows), groups=pieces, where=where)
+        elif matches(_VOCABULARY, name):
+            true_size = info.get("original_vocab_size")
+            if not isinstance(true_size, int):
+                raise ConversionError(f"{name}: a vocabulary parameter, but no original_vocab_size")
+            rule = Rule(exact, "vocab_pad", true_size=true_size, where=where)
+        else:
+            rule = Rule(exact, "shard", dim=1 if matches(_ROW_PARALLEL, name) else 0, where=where)
+        rules.append(rule)
+    return Spec(tuple(rules), name="the checkpoint's universal_checkpoint_info")
 
 
 def _check_dp_degree(info: Mapping[str, Any], grid: Sequence[Sequence[Path]], folder: Path) -> None:
@@ -569,4 +627,4 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-__all__ = ["DEEPSPEED_GLOBALS", "checkpoint_folder", "import_deepspeed"]
+__all__ = ["DEEPSPEED_GLOBALS", "checkpoint_folder", "import_deepspeed", "universal_spec"]
