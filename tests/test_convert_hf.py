@@ -81,13 +81,23 @@ def _load_export(root: Path) -> dict[str, torch.Tensor]:
 def test_sharded_round_trip_is_byte_identical(tmp_path: Path) -> None:
     tensors = _tensors()
     _write_sharded(tmp_path / "hf", tensors)
-    manifest = import_hf(tmp_path / "hf", tmp_path / "unickpt")
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    calls: list[tuple[int, int]] = []
+    manifest = import_hf(tmp_path / "hf", tmp_path / "unickpt", progress=lambda *a: calls.append(a))
+    assert calls[-1] == (total, total) and len(calls) == len(tensors)
     assert set(manifest.tensors) == {f"model.{n}" for n in tensors}
     assert manifest.writer["converted_from"]["format"] == "hf-safetensors"
     with CheckpointReader(str(tmp_path / "unickpt"), verify=True) as reader:
         for name, tensor in tensors.items():
             assert _bytes(reader.read(f"model.{name}")) == _bytes(tensor), name
-    files = export_hf(tmp_path / "unickpt", tmp_path / "back", max_shard_size=2000)
+    calls.clear()
+    files = export_hf(
+        tmp_path / "unickpt",
+        tmp_path / "back",
+        max_shard_size=2000,
+        progress=lambda *a: calls.append(a),
+    )
+    assert calls[-1] == (total, total) and len(calls) == len(tensors)
     assert len(files) > 2 and files[-1] == "model.safetensors.index.json"
     _assert_identical(_load_export(tmp_path / "back"), tensors)
 
