@@ -1,26 +1,29 @@
-"""Train a small LM with the real DeepSpeed engine on CPU and save DeepSpeed checkpoints.
+"""Train small models with the real DeepSpeed engine on CPU and save DeepSpeed checkpoints.
 
 Usage::
 
     DS_ACCELERATOR=cpu python tests/deepspeed_train.py OUT [--stages 1 2 3] [--dtypes fp32 bf16]
-        [--size tiny|bench] [--steps 3] [--universal]
+        [--autotp 1 2] [--size tiny|bench] [--steps 3] [--universal]
 
-Spawns ``--world`` gloo ranks (default 2) that, for each ZeRO stage and dtype (fp32, or bf16 with
-fp32 master weights), build ``Net`` from the same seed, train ``--steps`` AdamW steps
-(``"torch_adam": true``, two parameter groups: decay and no-decay) on batches that are the same
-on every rank, and ``engine.save_checkpoint(OUT/<run>/ckpt, tag)`` where ``<run>`` is
-``zero<S>-<dtype>``. For fp32 one more step then runs, and rank 0 writes what it produced to
-``OUT/<run>/next.safetensors`` (the loss as ``loss`` and every updated parameter by FQN), so a
-test can check that a converted checkpoint resumes the same training. With ``--universal`` the
-parent process then runs DeepSpeed's ``ds_to_universal --inject_missing_state`` into
+Spawns ``--world`` gloo ranks (default 2) that train, each run from the same seed, ``--steps``
+AdamW steps (``"torch_adam": true``, two parameter groups: decay and no-decay) on batches that are
+the same on every rank, and ``engine.save_checkpoint(OUT/<run>/ckpt, tag)``:
+
+* ``zero<S>-<dtype>`` for each ZeRO stage and dtype (fp32, or bf16 with fp32 master weights):
+  ``Net``, a frozen parameter and a buffer, odd sizes so ZeRO partitions split tensors mid-way
+  and pad their flat groups (a ``bench`` size preset: ~270M parameters);
+* ``autotp-zero<S>`` for each stage of ``--autotp``: a tiny transformers Llama, tensor parallel
+  over all ranks with DeepSpeed's AutoTP (``"tensor_parallel": {"autotp_size": world}``).
+
+For fp32 one more step then runs, and rank 0 writes to ``OUT/<run>/next.safetensors`` that step's
+``loss`` and, except for AutoTP (whose ranks hold slices), every updated parameter by FQN: a
+converted checkpoint must resume the same training. With ``--universal`` the parent process
+then runs DeepSpeed's ``ds_to_universal --inject_missing_state`` into
 ``OUT/<run>/universal/<tag>`` for every run: the reference a conversion is compared against.
 
 Identical batches on every rank make the data-parallel gradient average exact ((g + g) / 2 == g),
 so a world-1 step from the same state reproduces DeepSpeed's step bit for bit.
-
-The model (``Net``) has a frozen parameter and a persistent buffer, odd sizes so ZeRO partitions
-split tensors mid-way and pad their flat groups, and a size preset for the benchmark.
-This module imports DeepSpeed only inside the ranks: tests import ``Net`` and ``batch`` cheaply.
+This module imports DeepSpeed only inside the ranks: tests import its models cheaply.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +136,9 @@ def loss_fn(net: nn.Module, size: Size, step: int) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, size.vocab).float(), targets.reshape(-1))
 
 
-def ds_config(stage: int, dtype: str, size: Size) -> dict[str, object]:
+def ds_config(stage: int, dtype: str, batch_size: int, autotp: int = 0) -> dict[str, object]:
     config: dict[str, object] = {
-        "train_micro_batch_size_per_gpu": size.batch,
+        "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1 << 30,
         "optimizer": {
@@ -151,11 +155,103 @@ def ds_config(stage: int, dtype: str, size: Size) -> dict[str, object]:
     }
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}
+    if autotp:
+        config["tensor_parallel"] = {"autotp_size": autotp}
     return config
+
+
+# A tiny Llama (transformers, built from a config: nothing downloaded) for DeepSpeed's AutoTP:
+# tensor parallel over all ranks (column-parallel q/k/v/gate/up and lm_head, row-parallel o/down,
+# replicated norms and embedding), ZeRO-1/2 over the data-parallel rest.
+LLAMA = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 16,
+}
+LLAMA_BATCH = 2
+
+
+def make_llama(seed: int = SEED) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**LLAMA))
+
+
+def llama_loss(model: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(20_000 + step)
+    tokens = torch.randint(0, int(LLAMA["vocab_size"]), (LLAMA_BATCH, 8), generator=gen)
+    loss: torch.Tensor = model(input_ids=tokens, labels=tokens).loss
+    return loss
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained checkpoint: ``OUT/<name>/ckpt``."""
+
+    stage: int
+    dtype: str = "fp32"
+    autotp: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"autotp-zero{self.stage}" if self.autotp else run_name(self.stage, self.dtype)
 
 
 def run_name(stage: int, dtype: str) -> str:
     return f"zero{stage}-{dtype}"
+
+
+def runs(args: argparse.Namespace) -> list[Run]:
+    plain = [Run(stage, dtype) for stage in args.stages for dtype in args.dtypes]
+    return plain + [Run(stage, autotp=True) for stage in args.autotp]
+
+
+def _train(deepspeed: Any, rank: int, world: int, run: Run, args: argparse.Namespace) -> None:
+    size = SIZES[args.size]
+    out = os.path.join(args.out, run.name)
+    started = time.monotonic()
+    net = make_llama() if run.autotp else make_net(size)
+
+    def loss_at(step: int) -> torch.Tensor:
+        return llama_loss(engine, step) if run.autotp else loss_fn(engine, size, step)
+
+    engine, *_ = deepspeed.initialize(
+        model=net,
+        model_parameters=param_groups(net),
+        config=ds_config(
+            run.stage,
+            run.dtype,
+            LLAMA_BATCH if run.autotp else size.batch,
+            autotp=world if run.autotp else 0,
+        ),
+    )
+    for step in range(args.steps):
+        engine.backward(loss_at(step))
+        engine.step()
+    engine.save_checkpoint(os.path.join(out, "ckpt"), tag=TAG.format(steps=args.steps))
+    saved = time.monotonic()
+    if args.next_step and run.dtype == "fp32":
+        loss = loss_at(args.steps)
+        engine.backward(loss)
+        engine.step()
+        params = list(engine.module.named_parameters())
+        tensors = {"loss": loss.detach().float().reshape(())}
+        with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=run.stage == 3):
+            if not run.autotp:  # TP ranks hold slices
+                tensors |= {name: p.detach().float().clone() for name, p in params}
+            if rank == 0:
+                from safetensors.torch import save_file
+
+                save_file(tensors, os.path.join(out, "next.safetensors"))
+    engine.destroy()
+    if rank == 0:
+        print(f"{run.name}: trained, saved in {saved - started:.1f}s", flush=True)
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -171,42 +267,9 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace) -> No
     import deepspeed  # slow (seconds): only the ranks pay for it
 
     deepspeed.init_distributed(dist_backend="gloo")
-    size = SIZES[args.size]
-    tag = TAG.format(steps=args.steps)
-    for stage, dtype in _runs(args):
-        out = os.path.join(args.out, run_name(stage, dtype))
-        started = time.monotonic()
-        net = make_net(size)
-        engine, *_ = deepspeed.initialize(
-            model=net,
-            model_parameters=param_groups(net),
-            config=ds_config(stage, dtype, size),
-        )
-        for step in range(args.steps):
-            engine.backward(loss_fn(engine, size, step))
-            engine.step()
-        engine.save_checkpoint(os.path.join(out, "ckpt"), tag=tag)
-        saved = time.monotonic()
-        if args.next_step and dtype == "fp32":
-            loss = loss_fn(engine, size, args.steps)
-            engine.backward(loss)
-            engine.step()
-            params = list(engine.module.named_parameters())
-            with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
-                if rank == 0:
-                    from safetensors.torch import save_file
-
-                    tensors = {name: p.detach().float().clone() for name, p in params}
-                    tensors["loss"] = loss.detach().float().reshape(())
-                    save_file(tensors, os.path.join(out, "next.safetensors"))
-        engine.destroy()
-        if rank == 0:
-            print(f"{run_name(stage, dtype)}: trained, saved in {saved - started:.1f}s", flush=True)
+    for run in runs(args):
+        _train(deepspeed, rank, world, run, args)
     torch.distributed.destroy_process_group()
-
-
-def _runs(args: argparse.Namespace) -> list[tuple[int, str]]:
-    return [(stage, dtype) for stage in args.stages for dtype in args.dtypes]
 
 
 def universal(ckpt: str, tag: str, out: str) -> None:
@@ -238,6 +301,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--no-next-step", dest="next_step", action="store_false")
+    parser.add_argument(
+        "--autotp", type=int, nargs="*", default=[], help="ZeRO stages of AutoTP runs"
+    )
     parser.add_argument("--universal", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -252,9 +318,9 @@ def main() -> None:
     mp.spawn(_rank_main, args=(args.world, free_port(), args), nprocs=args.world)
     if args.universal:
         tag = TAG.format(steps=args.steps)
-        for stage, dtype in _runs(args):
-            run = os.path.join(args.out, run_name(stage, dtype))
-            universal(os.path.join(run, "ckpt"), tag, os.path.join(run, "universal", tag))
+        for run in runs(args):
+            folder = os.path.join(args.out, run.name)
+            universal(os.path.join(folder, "ckpt"), tag, os.path.join(folder, "universal", tag))
 
 
 if __name__ == "__main__":
