@@ -32,12 +32,19 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from typer.testing import CliRunner
 
 import unickpt
+from unickpt.cli.main import app
 from unickpt.convert.deepspeed import DEEPSPEED_GLOBALS, import_deepspeed
 from unickpt.convert.torchfile import load_torch_file
 from unickpt.engine.load import CheckpointReader
-from unickpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from unickpt.errors import (
+    CheckpointNotFoundError,
+    ConversionError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
 
 from deepspeed_train import (
     SIZES,
@@ -272,6 +279,61 @@ def test_autotp_loads_at_world_1(trained: Path, converted: dict[str, str], run: 
     loss.backward()
     adamw.step()
     assert float(adamw.state[llama.lm_head.weight]["step"]) == STEPS + 1
+
+
+AUTOTP_SPEC = r"""
+unickpt_spec: 1
+name: llama autotp, renamed
+rules:
+  - match: '^(.*(norm|embed_tokens)\.weight)$'
+    replicated: true
+    rename: 'backbone.\1'
+  - match: '^(.*(o_proj|down_proj)\.weight)$'
+    shard: {dim: 1}
+    rename: 'backbone.\1'
+  - match: '^lm_head\.weight$'
+    vocab_pad: {true_size: '${vocab}'}
+  - match: '^(.*proj\.weight)$'
+    shard: {dim: 0}
+    rename: 'backbone.\1'
+"""
+
+
+def test_autotp_with_a_user_spec(converted: dict[str, str], trained: Path, tmp_path: Path) -> None:
+    """A given spec replaces the checkpoint's own metadata: its rules merge every optimizer slot,
+    its renames reach the optimizer state and the param groups; a spec that does not fit the
+    layout is an error naming the tensor."""
+    spec = tmp_path / "llama.yaml"
+    spec.write_text(AUTOTP_SPEC)
+    ckpt = trained / "autotp-zero1" / "ckpt"
+    manifest = import_deepspeed(ckpt, str(tmp_path / "out"), spec=spec, variables={"vocab": 64})
+    derived = _read_all(converted["autotp-zero1"])
+    renamed = _read_all(str(tmp_path / "out"))
+
+    def new_name(key: str) -> str:
+        return key.replace("model.model.", "model.backbone.model.").replace(
+            "optim.state.model.", "optim.state.backbone.model."
+        )
+
+    assert {new_name(k): v for k, v in derived.items()}.keys() == renamed.keys()
+    for key, value in derived.items():
+        assert torch.equal(renamed[new_name(key)], value), key
+    groups = manifest.objects["optim.param_groups"]
+    assert "backbone.model.norm.weight" in groups[1]["params"]
+    assert "lm_head.weight" in groups[0]["params"]
+
+    with pytest.raises(ConversionError, match=r"self_attn\.q_proj\.weight.*replicated"):
+        import_deepspeed(ckpt, str(tmp_path / "plain"), spec="plain")
+
+
+def test_cli_converts_deepspeed(trained: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["convert", "--from", "deepspeed", str(trained / RUNS[0] / "ckpt"), str(tmp_path / "o")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "70 tensors" in result.output
+    assert unickpt.verify(str(tmp_path / "o")).tensors == 70
 
 
 # ------------------------------------------------------------------------------ bad input
