@@ -5,6 +5,7 @@ it that can simulate the endpoint going down (and coming back) while the server 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import subprocess
@@ -154,3 +155,26 @@ class OutageProxy:
                 return False
             self._budget -= nbytes
             return self._budget <= 0
+
+
+BUCKET = "unickpt-test"
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Configuration through the environment, as a training job would set it (unickpt.save and
+    unickpt.load take a URL only), isolated from any real AWS configuration on the machine."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "UNICKPT_S3_PART_SIZE": "5MiB",
+        "UNICKPT_S3_MAX_ATTEMPTS": "2",
+        "UNICKPT_S3_TRANSFER_RETRIES": "1",
+        "UNICKPT_S3_RETRY_BACKOFF": "0.05",
+        "UNICKPT_S3_CONNECT_TIMEOUT": "2",
+        "UNICKPT_S3_READ_TIMEOUT": "20",
+    }

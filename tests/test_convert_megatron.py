@@ -14,6 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+
+import unickpt
+from unickpt.convert.megatron import import_megatron, locate
+from unickpt.convert.spec import Spec
+from unickpt.errors import CheckpointNotFoundError, ConversionError, UnsafeCheckpointError
+
 from megatron_harness import (
     ITERATION,
     GPTConfig,
@@ -30,11 +36,6 @@ from megatron_harness import (
     write_megatron_checkpoint,
     write_rank,
 )
-
-import unickpt
-from unickpt.convert.megatron import import_megatron, locate
-from unickpt.convert.spec import Spec
-from unickpt.errors import CheckpointNotFoundError, ConversionError, UnsafeCheckpointError
 
 DEFAULT = GPTConfig()
 # everything the default is not: MHA, RMSNorm, no biases, GeLU, no position table, local norms

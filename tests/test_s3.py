@@ -21,7 +21,7 @@ import boto3
 import pytest
 import test_storage
 import torch
-from s3_server import MotoServer, OutageProxy
+from s3_server import BUCKET, MotoServer, OutageProxy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -30,51 +30,7 @@ from unickpt.storage import LocalStorage, S3Storage, Storage, open_storage, s3
 
 from dist_harness import free_port, run_distributed
 
-BUCKET = "unickpt-test"
 PART = s3.MIN_PART_SIZE  # 5 MiB, the smallest S3 allows; files above it are multipart uploads
-
-
-def s3_env(endpoint: str) -> dict[str, str]:
-    """Configuration through the environment, as a training job would set it (unickpt.save and
-    unickpt.load take a URL only), isolated from any real AWS configuration on the machine."""
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "UNICKPT_S3_PART_SIZE": "5MiB",
-        "UNICKPT_S3_MAX_ATTEMPTS": "2",
-        "UNICKPT_S3_TRANSFER_RETRIES": "1",
-        "UNICKPT_S3_RETRY_BACKOFF": "0.05",
-        "UNICKPT_S3_CONNECT_TIMEOUT": "2",
-        "UNICKPT_S3_READ_TIMEOUT": "20",
-    }
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def env(moto: MotoServer) -> Iterator[dict[str, str]]:
-    """The S3 environment for this module's tests, with the bucket created."""
-    values = s3_env(moto.endpoint)
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(name, raising=False)
-        for name, value in values.items():
-            patch.setenv(name, value)
-        boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
-        yield values
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 import torch
 import torch.distributed as dist
-from s3_server import MotoServer, OutageProxy
-from test_s3 import BUCKET, s3_env
+from s3_server import BUCKET, MotoServer, OutageProxy
 from tier_trainer import blank_state, local_rows, rank_state
 
 import unickpt
@@ -36,28 +34,6 @@ from dist_harness import run_distributed
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tier_trainer.py")
 name = CheckpointManager.name_for
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def env(moto: MotoServer) -> Iterator[dict[str, str]]:
-    values = s3_env(moto.endpoint)
-    with pytest.MonkeyPatch.context() as patch:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            patch.delenv(var, raising=False)
-        for var, value in values.items():
-            patch.setenv(var, value)
-        boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
-        yield values
 
 
 @pytest.fixture
