@@ -3,7 +3,7 @@
 Usage::
 
     DS_ACCELERATOR=cpu python tests/deepspeed_train.py OUT [--stages 1 2 3] [--dtypes fp32 bf16]
-        [--autotp 1 2] [--size tiny|bench] [--steps 3] [--universal]
+        [--tied 2 3] [--autotp 1 2] [--size tiny|bench] [--steps 3] [--universal]
 
 Spawns ``--world`` gloo ranks (default 2) that train, each run from the same seed, ``--steps``
 AdamW steps (``"torch_adam": true``, two parameter groups: decay and no-decay) on batches that are
@@ -12,12 +12,16 @@ the same on every rank, and ``engine.save_checkpoint(OUT/<run>/ckpt, tag)``:
 * ``zero<S>-<dtype>`` for each ZeRO stage and dtype (fp32, or bf16 with fp32 master weights):
   ``Net``, a frozen parameter and a buffer, odd sizes so ZeRO partitions split tensors mid-way
   and pad their flat groups (a ``bench`` size preset: ~270M parameters);
+* ``zero<S>-fp32-tied`` for each stage of ``--tied``: ``Net`` with its LM head tied to the
+  embedding (one parameter under two names);
 * ``autotp-zero<S>`` for each stage of ``--autotp``: a tiny transformers Llama, tensor parallel
   over all ranks with DeepSpeed's AutoTP (``"tensor_parallel": {"autotp_size": world}``).
 
 For fp32 one more step then runs, and rank 0 writes to ``OUT/<run>/next.safetensors`` that step's
-``loss`` and, except for AutoTP (whose ranks hold slices), every updated parameter by FQN: a
-converted checkpoint must resume the same training. With ``--universal`` the parent process
+``loss``, the loss of the following batch after the step (``loss_after``) and, except for AutoTP
+(whose ranks hold slices), every updated parameter by FQN: a converted checkpoint must resume the
+same training. Gradient clipping is off (DeepSpeed's default clips at 1.0; torch's AdamW, which
+a converted checkpoint resumes with, does not clip). With ``--universal`` the parent process
 then runs DeepSpeed's ``ds_to_universal --inject_missing_state`` into
 ``OUT/<run>/universal/<tag>`` for every run: the reference a conversion is compared against.
 
@@ -82,7 +86,7 @@ class Block(nn.Module):
 class Net(nn.Module):
     """Embedding, frozen positions, residual MLP blocks, final norm, LM head; a scale buffer."""
 
-    def __init__(self, size: Size) -> None:
+    def __init__(self, size: Size, tied: bool = False) -> None:
         super().__init__()
         self.size = size
         self.embed = nn.Embedding(size.vocab, size.hidden)
@@ -90,6 +94,8 @@ class Net(nn.Module):
         self.blocks = nn.ModuleList(Block(size) for _ in range(size.layers))
         self.norm = nn.LayerNorm(size.hidden)
         self.head = nn.Linear(size.hidden, size.vocab)
+        if tied:  # the LM head reuses the embedding matrix: one parameter, two names
+            self.head.weight = self.embed.weight
         self.register_buffer("logit_scale", torch.tensor(0.75))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -99,11 +105,11 @@ class Net(nn.Module):
         return self.head(self.norm(x)) * self.logit_scale
 
 
-def make_net(size: Size, seed: int = SEED) -> Net:
+def make_net(size: Size, seed: int = SEED, tied: bool = False) -> Net:
     """``Net`` initialised from ``seed``; LayerNorms perturbed so they hold real state."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = Net(size)
+        net = Net(size, tied)
         with torch.no_grad():
             for name, param in net.named_parameters():
                 if "norm" in name:
@@ -141,6 +147,7 @@ def ds_config(stage: int, dtype: str, batch_size: int, autotp: int = 0) -> dict[
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1 << 30,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; torch's AdamW does not
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -197,10 +204,13 @@ class Run:
     stage: int
     dtype: str = "fp32"
     autotp: bool = False
+    tied: bool = False
 
     @property
     def name(self) -> str:
-        return f"autotp-zero{self.stage}" if self.autotp else run_name(self.stage, self.dtype)
+        if self.autotp:
+            return f"autotp-zero{self.stage}"
+        return run_name(self.stage, self.dtype) + ("-tied" if self.tied else "")
 
 
 def run_name(stage: int, dtype: str) -> str:
@@ -209,14 +219,15 @@ def run_name(stage: int, dtype: str) -> str:
 
 def runs(args: argparse.Namespace) -> list[Run]:
     plain = [Run(stage, dtype) for stage in args.stages for dtype in args.dtypes]
-    return plain + [Run(stage, autotp=True) for stage in args.autotp]
+    tied = [Run(stage, tied=True) for stage in args.tied]
+    return plain + tied + [Run(stage, autotp=True) for stage in args.autotp]
 
 
 def _train(deepspeed: Any, rank: int, world: int, run: Run, args: argparse.Namespace) -> None:
     size = SIZES[args.size]
     out = os.path.join(args.out, run.name)
     started = time.monotonic()
-    net = make_llama() if run.autotp else make_net(size)
+    net = make_llama() if run.autotp else make_net(size, tied=run.tied)
 
     def loss_at(step: int) -> torch.Tensor:
         return llama_loss(engine, step) if run.autotp else loss_fn(engine, size, step)
@@ -241,7 +252,9 @@ def _train(deepspeed: Any, rank: int, world: int, run: Run, args: argparse.Names
         engine.backward(loss)
         engine.step()
         params = list(engine.module.named_parameters())
-        tensors = {"loss": loss.detach().float().reshape(())}
+        with torch.no_grad():
+            loss_after = loss_at(args.steps + 1)
+        tensors = {"loss": loss.detach().float().reshape(()), "loss_after": loss_after.float()}
         with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=run.stage == 3):
             if not run.autotp:  # TP ranks hold slices
                 tensors |= {name: p.detach().float().clone() for name, p in params}
@@ -295,12 +308,13 @@ def universal(ckpt: str, tag: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--stages", type=int, nargs="*", default=[1, 2, 3])
     parser.add_argument("--dtypes", choices=["fp32", "bf16"], nargs="+", default=["fp32"])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--no-next-step", dest="next_step", action="store_false")
+    parser.add_argument("--tied", type=int, nargs="*", default=[], help="ZeRO stages, tied Net")
     parser.add_argument(
         "--autotp", type=int, nargs="*", default=[], help="ZeRO stages of AutoTP runs"
     )
