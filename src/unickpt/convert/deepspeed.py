@@ -259,6 +259,9 @@ def _step(entry: Mapping[str, Any]) -> float | None:
     return None if step is None else float(step)
 
 
+_Loader = Callable[[Path], Any]  # a torch file's unpickled content (memory-mapped tensors)
+
+
 def _zero12_rank(model_file: Path, optim_files: Sequence[Path], load: _Loader) -> _RankState:
     """One model-parallel rank of a ZeRO-1/2 checkpoint."""
     model_state = load(model_file)
@@ -312,7 +315,7 @@ def _zero12_rank(model_file: Path, optim_files: Sequence[Path], load: _Loader) -
         rank.order.append(name)
         if name not in rank.params:
             rank.stored[name] = _stored(tensor, f"{model_file}:module.{name}")
-    rank.order += [n for n in rank.params if n not in module]
+    rank.order += [n for n in rank.params if n not in module]  # excluded from the module
     rank.aliases = dict(model_state.get("shared_params") or {})
     return rank
 
@@ -349,27 +352,18 @@ def _zero3_rank(
         offset = 0
         for name, shape in group_shapes.items():
             numel = math.prod(shape)
-            part = -(-numel // dp)
-
-            def pieces(
-                tensors: Sequence[torch.Tensor], at: int = offset, n: int = numel, size: int = part
-            ) -> list[_Piece]:
-                return [
-                    _Piece(t, at, max(0, min(size, n - r * size))) for r, t in enumerate(tensors)
-                ]
-
             rank.params[name] = _Param(
                 tuple(shape),
                 group_of[sub_group],
-                pieces([f[index] for f in flats]),
+                _zero3_pieces([f[index] for f in flats], offset, numel),
                 {
-                    slot: pieces([s[slot] for s in states])
+                    slot: _zero3_pieces([s[slot] for s in states], offset, numel)
                     for slot in SLOTS
                     if all(slot in s for s in states)
                 },
                 _step(states[0]),
             )
-            offset += part
+            offset += -(-numel // dp)
         for r, f in enumerate(flats):
             if f[index].numel() != offset:
                 raise CorruptCheckpointError(
@@ -384,16 +378,10 @@ def _zero3_rank(
         rank.order.append(name)
         if name in frozen:
             shape = tuple(frozen[name])
-            numel = math.prod(shape)
-            part = -(-numel // dp)
-            rank.stored[name] = _gather(
-                name,
-                shape,
-                [
-                    _Piece(frag[name].reshape(-1), 0, max(0, min(part, numel - r * part)))
-                    for r, frag in enumerate(fragments)
-                ],
-            )
+            own = [
+                _field(f, name, m).reshape(-1) for f, m in zip(fragments, model_files, strict=True)
+            ]
+            rank.stored[name] = _gather(name, shape, _zero3_pieces(own, 0, math.prod(shape)))
         elif name in buffers:
             rank.stored[name] = _stored(tensor, f"{model_files[0]}:module.{name}")
         elif name not in rank.params and name not in rank.aliases:
@@ -401,11 +389,16 @@ def _zero3_rank(
                 f"{model_files[0]}: module entry {name!r} is neither a partitioned parameter, "
                 "a frozen parameter nor a buffer"
             )
-    rank.order += [n for n in rank.params if n not in rank.order]
+    listed = set(rank.order)
+    rank.order += [n for n in rank.params if n not in listed]
     return rank
 
 
-_Loader = Callable[[Path], Any]
+def _zero3_pieces(flats: Sequence[torch.Tensor], offset: int, numel: int) -> list[_Piece]:
+    """Each DP rank's share of a ZeRO-3 parameter: ``ceil(numel / DP)`` elements at ``offset``
+    of that rank's flat tensor, of which the last rank's tail is padding."""
+    part = -(-numel // len(flats))
+    return [_Piece(t, offset, max(0, min(part, numel - r * part))) for r, t in enumerate(flats)]
 
 
 # ------------------------------------------------------------------------------ the conversion
