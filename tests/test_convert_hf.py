@@ -241,3 +241,23 @@ def test_s3_source_and_destination_through_storage_options(tmp_path: Path) -> No
         _assert_identical(_load_export(tmp_path / "back"), tensors)
     finally:
         server.stop()
+
+
+def test_hf_file_without_the_tied_head_loads_into_a_tied_model(tmp_path: Path) -> None:
+    """GPT-2-style files omit ``lm_head.weight``; strict loading into the tied model fills it
+    through the embedding it shares memory with."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = torch.nn.Embedding(10, 4)
+            self.lm_head = torch.nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    source = Tied()
+    (tmp_path / "hf").mkdir()
+    save_file({"wte.weight": source.wte.weight.detach()}, tmp_path / "hf" / "model.safetensors")
+    import_hf(tmp_path / "hf", tmp_path / "u")
+    target = Tied()
+    unickpt.load(str(tmp_path / "u"), {"model": target})
+    assert torch.equal(target.lm_head.weight, source.wte.weight)

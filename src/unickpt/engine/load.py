@@ -87,6 +87,21 @@ def load(
     return result
 
 
+def _drop_tied_aliases(view: LoadView, manifest: Manifest) -> None:
+    """A tensor the state holds under two keys (tied embeddings) is filled through the key the
+    checkpoint has; the other key is not missing (HF files often omit ``lm_head.weight``)."""
+    stored = {
+        _identity(shard.local): key for key, shard in view.shards.items() if key in manifest.tensors
+    }
+    for key in [k for k in view.shards if k not in manifest.tensors]:
+        if _identity(view.shards[key].local) in stored:
+            del view.shards[key]
+
+
+def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (tensor.data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
+
+
 def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[str], list[str]]:
     stored = set(manifest.tensors) | set(manifest.objects)
     wanted = set(view.shards) | set(view.objects)
@@ -135,6 +150,7 @@ def _load(
         pickled = {k for k, t in manifest.tensors.items() if t.encoding == "pickle"}
         with torch.no_grad():
             view = collect_for_load(state, raw, set(manifest.objects) | pickled)
+        _drop_tied_aliases(view, manifest)
         missing, unexpected = _check_keys(view, manifest, strict)
         if not allow_pickle and (refused := sorted(pickled & set(view.objects))):
             raise UnsafeCheckpointError(
