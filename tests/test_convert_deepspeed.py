@@ -391,6 +391,13 @@ def test_missing_partition_is_named(trained: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_unsupported_layouts_are_refused(trained: Path, tmp_path: Path) -> None:
+    ckpt = _copy(trained, run_name(2, "fp32"), tmp_path)
+    (ckpt / TAG.format(steps=STEPS) / "layer_0_expert_0_mp_rank_00_model_states.pt").touch()
+    with pytest.raises(ConversionError, match="mixture-of-experts"):
+        import_deepspeed(ckpt, str(tmp_path / "moe"))
+
+
 class _Payload:
     """A class no allow-list knows: unpickling it needs trust."""
 

@@ -436,6 +436,12 @@ def import_deepspeed(
             )
         return opened[path]
 
+    experts = sorted(p.name for p in folder.glob("layer_*_expert_*_model_states.pt"))
+    if experts:
+        raise ConversionError(
+            f"{folder} holds mixture-of-experts files ({experts[0]}, ...): DeepSpeed MoE "
+            "checkpoints are not supported"
+        )
     optim_grid = _grid(_optim_files_in(folder), _OPTIM_FILE, f"{folder}: ZeRO optimizer")
     first = _field(load(optim_grid[0][0]), "optimizer_state_dict", optim_grid[0][0])
     stage = int(first.get("zero_stage", 1))
