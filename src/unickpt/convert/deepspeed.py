@@ -174,23 +174,13 @@ def _gather(key: str, shape: tuple[int, ...], pieces: Sequence[_Piece]) -> LazyT
         )
 
     def load() -> torch.Tensor:
-        windows = [_window(p) for p in pieces]
+        windows = [p.flat.narrow(0, p.start, p.numel) for p in pieces]
         out = torch.cat(windows).view(shape)
         for window in windows:
             release_pages(window)
         return out
 
     return LazyTensor(shape, dtype, load, origin)
-
-
-def _window(piece: _Piece) -> torch.Tensor:
-    """The piece's elements as a tensor whose storage is exactly their bytes, so that
-    :func:`release_pages` hands back those pages only: a flat partition holds a whole parameter
-    group, and releasing all of it would also drop the pages read ahead for the next parameter."""
-    itemsize = piece.flat.element_size()
-    begin = (piece.flat.storage_offset() + piece.start) * itemsize
-    storage = piece.flat.untyped_storage()[begin : begin + piece.numel * itemsize]
-    return torch.empty(0, dtype=piece.flat.dtype).set_(storage, 0, (piece.numel,), (1,))
 
 
 def _stored(tensor: torch.Tensor, origin: str) -> LazyTensor:

@@ -86,11 +86,13 @@ def release_pages(tensor: torch.Tensor) -> None:
     For a memory-mapped file this drops the pages from the process's resident set (they are
     re-read on the next access); for ordinary memory it is a no-op without swap.
     """
-    storage = tensor.untyped_storage()
-    if storage.device.type != "cpu" or storage.nbytes() == 0:
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
         return
-    start = storage.data_ptr() // _PAGE * _PAGE
-    end = storage.data_ptr() + storage.nbytes()
+    # Only the tensor's own span: its neighbours in a shared (memory-mapped) storage may be next.
+    steps = zip(tensor.shape, tensor.stride(), strict=True)
+    extent = 1 + sum((size - 1) * stride for size, stride in steps)
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    end = tensor.data_ptr() + extent * tensor.element_size()
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
