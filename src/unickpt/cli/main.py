@@ -19,12 +19,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from unickpt.convert.dcp import import_dcp
-from unickpt.convert.deepspeed import import_deepspeed
-from unickpt.convert.export_hf import export_hf
-from unickpt.convert.hf import import_hf
+from unickpt.convert import (
+    export_hf,
+    import_dcp,
+    import_deepspeed,
+    import_hf,
+    import_megatron,
+)
 from unickpt.convert.megatron import DEFAULT_SPEC as DEFAULT_MEGATRON_SPEC
-from unickpt.convert.megatron import import_megatron
 from unickpt.errors import CheckpointError, IncompleteCheckpointError
 from unickpt.tools import collect_garbage, inspect, verify
 
