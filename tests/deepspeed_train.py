@@ -3,7 +3,7 @@
 Usage::
 
     DS_ACCELERATOR=cpu python tests/deepspeed_train.py OUT [--stages 1 2 3] [--dtypes fp32 bf16]
-        [--tied 2 3] [--autotp 1 2] [--size tiny|bench] [--steps 3] [--universal]
+        [--tied 2 3] [--autotp 1 2] [--pipeline 1] [--size tiny|bench] [--steps 3] [--universal]
 
 Spawns ``--world`` gloo ranks (default 2) that train, each run from the same seed, ``--steps``
 AdamW steps (``"torch_adam": true``, two parameter groups: decay and no-decay) on batches that are
@@ -15,15 +15,19 @@ the same on every rank, and ``engine.save_checkpoint(OUT/<run>/ckpt, tag)``:
 * ``zero<S>-fp32-tied`` for each stage of ``--tied``: ``Net`` with its LM head tied to the
   embedding (one parameter under two names);
 * ``autotp-zero<S>`` for each stage of ``--autotp``: a tiny transformers Llama, tensor parallel
-  over all ranks with DeepSpeed's AutoTP (``"tensor_parallel": {"autotp_size": world}``).
+  over all ranks with DeepSpeed's AutoTP (``"tensor_parallel": {"autotp_size": world}``);
+* ``pipeline-zero<S>`` for each stage of ``--pipeline``: ``Net``'s layers (no frozen positions or
+  buffer) as a DeepSpeed ``PipelineModule`` with one pipeline stage per rank (data parallel 1),
+  trained with ``engine.train_batch``: layer files and one optimizer file per stage.
 
-For fp32 one more step then runs, and rank 0 writes to ``OUT/<run>/next.safetensors`` that step's
-``loss``, the loss of the following batch after the step (``loss_after``) and, except for AutoTP
-(whose ranks hold slices), every updated parameter by FQN: a converted checkpoint must resume the
-same training. Gradient clipping is off (DeepSpeed's default clips at 1.0; torch's AdamW, which
-a converted checkpoint resumes with, does not clip). With ``--universal`` the parent process
-then runs DeepSpeed's ``ds_to_universal --inject_missing_state`` into
-``OUT/<run>/universal/<tag>`` for every run: the reference a conversion is compared against.
+For fp32 (except pipeline runs) one more step then runs, and rank 0 writes to
+``OUT/<run>/next.safetensors`` that step's ``loss``, the loss of the following batch after the
+step (``loss_after``) and, except for AutoTP (whose ranks hold slices), every updated parameter by
+FQN: a converted checkpoint must resume the same training. Gradient clipping is off (DeepSpeed's
+default clips at 1.0; torch's AdamW, which a converted checkpoint resumes with, does not clip).
+With ``--universal`` the parent process then runs DeepSpeed's ``ds_to_universal
+--inject_missing_state`` into ``OUT/<run>/universal/<tag>`` for every run: the reference a
+conversion is compared against.
 
 Identical batches on every rank make the data-parallel gradient average exact ((g + g) / 2 == g),
 so a world-1 step from the same state reproduces DeepSpeed's step bit for bit.
@@ -142,6 +146,23 @@ def loss_fn(net: nn.Module, size: Size, step: int) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, size.vocab).float(), targets.reshape(-1))
 
 
+def make_pipeline_layers(size: Size, seed: int = SEED) -> list[nn.Module]:
+    """``Net``'s layers in order, for a ``PipelineModule`` (names ``<layer index>.<key>``)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        blocks = [Block(size) for _ in range(size.layers)]
+        return [
+            nn.Embedding(size.vocab, size.hidden),
+            *blocks,
+            nn.LayerNorm(size.hidden),
+            nn.Linear(size.hidden, size.vocab),
+        ]
+
+
+def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
 def ds_config(stage: int, dtype: str, batch_size: int, autotp: int = 0) -> dict[str, object]:
     config: dict[str, object] = {
         "train_micro_batch_size_per_gpu": batch_size,
@@ -205,11 +226,14 @@ class Run:
     dtype: str = "fp32"
     autotp: bool = False
     tied: bool = False
+    pipeline: bool = False
 
     @property
     def name(self) -> str:
         if self.autotp:
             return f"autotp-zero{self.stage}"
+        if self.pipeline:
+            return f"pipeline-zero{self.stage}"
         return run_name(self.stage, self.dtype) + ("-tied" if self.tied else "")
 
 
@@ -220,14 +244,21 @@ def run_name(stage: int, dtype: str) -> str:
 def runs(args: argparse.Namespace) -> list[Run]:
     plain = [Run(stage, dtype) for stage in args.stages for dtype in args.dtypes]
     tied = [Run(stage, tied=True) for stage in args.tied]
-    return plain + tied + [Run(stage, autotp=True) for stage in args.autotp]
+    pipeline = [Run(stage, pipeline=True) for stage in args.pipeline]
+    return plain + tied + [Run(stage, autotp=True) for stage in args.autotp] + pipeline
 
 
 def _train(deepspeed: Any, rank: int, world: int, run: Run, args: argparse.Namespace) -> None:
     size = SIZES[args.size]
     out = os.path.join(args.out, run.name)
     started = time.monotonic()
-    net = make_llama() if run.autotp else make_net(size, tied=run.tied)
+    net: nn.Module
+    if run.pipeline:
+        net = deepspeed.pipe.PipelineModule(
+            layers=make_pipeline_layers(size), num_stages=world, loss_fn=pipeline_loss
+        )
+    else:
+        net = make_llama() if run.autotp else make_net(size, tied=run.tied)
 
     def loss_at(step: int) -> torch.Tensor:
         return llama_loss(engine, step) if run.autotp else loss_fn(engine, size, step)
@@ -243,11 +274,14 @@ def _train(deepspeed: Any, rank: int, world: int, run: Run, args: argparse.Names
         ),
     )
     for step in range(args.steps):
-        engine.backward(loss_at(step))
-        engine.step()
+        if run.pipeline:  # forward, backward and step over the stages
+            engine.train_batch(iter([batch(size, step)]))
+        else:
+            engine.backward(loss_at(step))
+            engine.step()
     engine.save_checkpoint(os.path.join(out, "ckpt"), tag=TAG.format(steps=args.steps))
     saved = time.monotonic()
-    if args.next_step and run.dtype == "fp32":
+    if args.next_step and run.dtype == "fp32" and not run.pipeline:
         loss = loss_at(args.steps)
         engine.backward(loss)
         engine.step()
@@ -317,6 +351,9 @@ def main() -> None:
     parser.add_argument("--tied", type=int, nargs="*", default=[], help="ZeRO stages, tied Net")
     parser.add_argument(
         "--autotp", type=int, nargs="*", default=[], help="ZeRO stages of AutoTP runs"
+    )
+    parser.add_argument(
+        "--pipeline", type=int, nargs="*", default=[], help="ZeRO stages of pipeline runs"
     )
     parser.add_argument("--universal", action="store_true")
     args = parser.parse_args()

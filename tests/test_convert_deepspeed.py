@@ -7,7 +7,8 @@ pad them) at ZeRO stages 1, 2 and 3, in fp32 and in bf16 with fp32 master weight
 --inject_missing_state`` (the reference). For fp32 they also run one more step and record its
 loss and updated parameters. Two more runs train a tiny Llama tensor parallel over both ranks
 (DeepSpeed AutoTP, ZeRO-1 and -2), whose merge unickpt derives from the checkpoint's own
-``universal_checkpoint_info``.
+``universal_checkpoint_info``. One more trains ``Net``'s layers as a DeepSpeed ``PipelineModule``
+with one pipeline stage per rank (ZeRO-1): weights in layer files, an optimizer file per stage.
 
 Each conversion must equal the reference bit for bit (master weights, both Adam moments, step),
 hold exactly the keys ``unickpt.save({"model": net, "optim": adamw})`` writes, load into a plain
@@ -55,6 +56,7 @@ from deepspeed_train import (
     loss_fn,
     make_llama,
     make_net,
+    make_pipeline_layers,
     param_groups,
     run_name,
 )
@@ -74,6 +76,7 @@ TIED_RUNS = [run_name(stage, "fp32") + "-tied" for stage in TIED_STAGES]
 FP32_RUNS = [run_name(stage, "fp32") for stage in STAGES] + TIED_RUNS
 AUTOTP_STAGES = (1, 2)  # DeepSpeed's AutoTP training supports ZeRO 0-2
 AUTOTP_RUNS = [f"autotp-zero{stage}" for stage in AUTOTP_STAGES]
+PIPELINE_RUNS = ["pipeline-zero1"]  # two stages, ZeRO-1 over data parallel 1
 TRAINER = Path(__file__).with_name("deepspeed_train.py")
 
 
@@ -84,7 +87,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(TRAINER), str(out), "--steps", str(STEPS), "--universal"]
     command += ["--dtypes", *DTYPES, "--tied", *map(str, TIED_STAGES)]
-    command += ["--autotp", *map(str, AUTOTP_STAGES)]
+    command += ["--autotp", *map(str, AUTOTP_STAGES), "--pipeline", "1"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
@@ -95,7 +98,7 @@ def converted(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """Each run converted by unickpt (from the save directory: the tag comes from ``latest``)."""
     out = tmp_path_factory.mktemp("unickpt")
     paths = {}
-    for run in RUNS + TIED_RUNS + AUTOTP_RUNS:
+    for run in RUNS + TIED_RUNS + AUTOTP_RUNS + PIPELINE_RUNS:
         paths[run] = str(out / run)
         import_deepspeed(trained / run / "ckpt", paths[run])
     return paths
@@ -287,6 +290,41 @@ def test_autotp_matches_ds_to_universal(trained: Path, converted: dict[str, str]
     assert (source["tp_degree"], source["dp_degree"]) == (2, 1)
 
 
+# ------------------------------------------------------------------------------ pipeline parallel
+
+
+@pytest.mark.parametrize("run", PIPELINE_RUNS)
+def test_pipeline_matches_ds_to_universal(
+    trained: Path, converted: dict[str, str], run: str
+) -> None:
+    """PP=2: layer files and per-stage optimizer partitions, named as the PipelineModule does."""
+    ours = _read_all(converted[run])
+    universal = trained / run / "universal" / TAG.format(steps=STEPS) / "zero"
+    net = torch.nn.Sequential(*make_pipeline_layers(SIZE))  # the same "<layer>.<key>" names
+    names = [n for n, _ in net.named_parameters()]
+    assert set(ours) == {f"model.{k}" for k in net.state_dict()} | {
+        f"optim.state.{n}.{slot}" for n in names for slot in ("exp_avg", "exp_avg_sq", "step")
+    }
+    assert sorted(p.name for p in universal.iterdir() if p.is_dir()) == sorted(names)
+    for name in names:
+        for slot, key in (
+            ("fp32", f"model.{name}"),
+            ("exp_avg", f"optim.state.{name}.exp_avg"),
+            ("exp_avg_sq", f"optim.state.{name}.exp_avg_sq"),
+            ("step", f"optim.state.{name}.step"),
+        ):
+            reference = _reference(universal / name / f"{slot}.pt")
+            assert ours[key].shape == reference.shape and torch.equal(ours[key], reference), key
+    manifest = unickpt.inspect(converted[run])
+    by_id = {id(p): n for n, p in net.named_parameters()}
+    groups = manifest.objects["optim.param_groups"]
+    assert [g["params"] for g in groups] == [
+        [by_id[id(p)] for p in g["params"]] for g in param_groups(net)
+    ]
+    source = manifest.writer["converted_from"]
+    assert (source["pp_degree"], source["tp_degree"], source["dp_degree"]) == (2, 1, 1)
+
+
 @pytest.mark.parametrize("run", AUTOTP_RUNS)
 @pytest.mark.usefixtures("one_thread")
 def test_autotp_resumes_at_world_1(trained: Path, converted: dict[str, str], run: str) -> None:
@@ -396,6 +434,22 @@ def test_unsupported_layouts_are_refused(trained: Path, tmp_path: Path) -> None:
     (ckpt / TAG.format(steps=STEPS) / "layer_0_expert_0_mp_rank_00_model_states.pt").touch()
     with pytest.raises(ConversionError, match="mixture-of-experts"):
         import_deepspeed(ckpt, str(tmp_path / "moe"))
+
+
+def test_pipeline_layouts_it_cannot_map_are_refused(trained: Path, tmp_path: Path) -> None:
+    ckpt = _copy(trained, PIPELINE_RUNS[0], tmp_path)
+    folder = ckpt / TAG.format(steps=STEPS)
+    model_file = folder / "mp_rank_01_model_states.pt"
+    state = load_torch_file(model_file, extra_globals=DEEPSPEED_GLOBALS)
+    state["param_shapes"][0]["tied_modules.embed.weight"] = state["param_shapes"][0].pop("4.weight")
+    torch.save(state, tmp_path / "edited.pt")  # not in place: ``state`` maps the old file
+    os.replace(tmp_path / "edited.pt", model_file)
+    with pytest.raises(ConversionError, match=r"mp_rank_01.*tied_modules\.embed\.weight"):
+        import_deepspeed(ckpt, str(tmp_path / "tied"))
+    for layer_file in folder.glob("layer_*"):
+        layer_file.unlink()
+    with pytest.raises(CorruptCheckpointError, match="no module and there are no layer files"):
+        import_deepspeed(ckpt, str(tmp_path / "no-layers"))
 
 
 class _Payload:

@@ -8,6 +8,12 @@ parallel rank::
     <dir>/<tag>/mp_rank_XX_model_states.pt          ZeRO-1/2: module, param_shapes, ...
     <dir>/<tag>/zero_pp_rank_D_mp_rank_XX_model_states.pt    ZeRO-3: the same, per DP rank
     <dir>/<tag>/[bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt
+    <dir>/<tag>/layer_LL[-model_TT]-model_states.pt         pipeline parallel: layer LL's weights
+
+With pipeline parallelism (ZeRO-1/2), model-parallel rank XX is pipeline stage XX // TP and TP
+rank XX % TP; its model-state file has no module, each layer's state_dict is a layer file, and
+names are the PipelineModule's (``<LL>.<key>``, the layer's global index), as ``ds_to_universal``
+has them.
 
 * **ZeRO-1/2**: each parameter group is one flat fp32 buffer (parameters back to back in
   ``param_shapes`` order, padded at the end), cut into equal contiguous partitions, one per DP
@@ -61,6 +67,8 @@ MASTER = "fp32"
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")  # ZeRO-1/2
 _ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+# pipeline parallel: each layer's state_dict, per TP rank ("-model_YY" only when TP > 1)
+_LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 
 
 class _Attributes:
@@ -252,8 +260,15 @@ def _step(entry: Mapping[str, Any]) -> float | None:
 _Loader = Callable[[Path], Any]  # a torch file's unpickled content (memory-mapped tensors)
 
 
-def _zero12_rank(model_file: Path, optim_files: Sequence[Path], load: _Loader) -> _RankState:
-    """One model-parallel rank of a ZeRO-1/2 checkpoint."""
+# a module tensor's name -> (the file holding it, the tensor)
+_Module = Mapping[str, tuple[Path, torch.Tensor]]
+
+
+def _zero12_rank(
+    model_file: Path, optim_files: Sequence[Path], load: _Loader, layers: _Module | None
+) -> _RankState:
+    """One model-parallel rank of a ZeRO-1/2 checkpoint; ``layers`` is its module when a
+    pipeline-parallel checkpoint stored it in layer files."""
     model_state = load(model_file)
     shapes = _field(model_state, "param_shapes", model_file)
     optims = [_field(load(f), "optimizer_state_dict", f) for f in optim_files]
@@ -295,16 +310,17 @@ def _zero12_rank(model_file: Path, optim_files: Sequence[Path], load: _Loader) -
                 },
                 _step(states[located[0][0]]),
             )
-    module = model_state.get("module")
-    if module is None:
-        raise ConversionError(
-            f"{model_file} holds no module: pipeline-parallel DeepSpeed checkpoints (weights in "
-            "layer_* files) are not supported"
-        )
-    for name, tensor in module.items():
+    stored = model_state.get("module")
+    if stored is not None:
+        module: _Module = {n: (model_file, t) for n, t in stored.items()}
+    elif layers is not None:
+        module = layers
+    else:
+        raise CorruptCheckpointError(f"{model_file} holds no module and there are no layer files")
+    for name, (path, tensor) in module.items():
         rank.order.append(name)
         if name not in rank.params:
-            rank.stored[name] = _stored(tensor, f"{model_file}:module.{name}")
+            rank.stored[name] = _stored(tensor, f"{path}:{name}")
     rank.order += [n for n in rank.params if n not in module]  # excluded from the module
     rank.aliases = dict(model_state.get("shared_params") or {})
     return rank
@@ -460,19 +476,24 @@ def import_deepspeed(
         model_files = [numbered[mp] for mp in range(len(optim_grid))]
         info = load(model_files[0])
         _check_dp_degree(info, optim_grid, folder)
-        ranks = [_zero12_rank(m, o, load) for m, o in zip(model_files, optim_grid, strict=True)]
         pp_degree = int((info.get("checkpoint_parallel_dimensions") or {}).get("pp_degree", 1))
-    if len(ranks) % pp_degree:
-        raise CorruptCheckpointError(
-            f"{folder}: {len(ranks)} model-parallel rank(s) do not split into {pp_degree} stages"
-        )
+        _check_pp_degree(folder, len(model_files), pp_degree)
+        layers = _pipeline_modules(folder, model_files, len(model_files) // pp_degree, load)
+        ranks = [
+            _zero12_rank(m, o, load, layers[mp] if layers else None)
+            for mp, (m, o) in enumerate(zip(model_files, optim_grid, strict=True))
+        ]
+    _check_pp_degree(folder, len(ranks), pp_degree)
     tp_degree = len(ranks) // pp_degree
     if isinstance(spec, Spec):
         rules = spec
     elif spec is not None:
         rules = Spec.load(os.fspath(spec), variables=variables)
-    elif len(ranks) > 1:
-        rules = universal_spec(info.get("universal_checkpoint_info"), ranks[:tp_degree])
+    elif tp_degree > 1:
+        rules = universal_spec(
+            info.get("universal_checkpoint_info"),
+            [ranks[p * tp_degree : (p + 1) * tp_degree] for p in range(pp_degree)],
+        )
     else:
         rules = Spec.load("plain")
     # model-parallel rank i is pipeline stage i // tp, tensor-parallel rank i % tp
@@ -532,7 +553,7 @@ _SUB_PARAMS = "parameter_with_sub_params"
 _PIPELINE_REPLICATED = "pipeline_replicated_parameter_patterns"
 
 
-def universal_spec(info: Any, ranks: Sequence[_RankState]) -> Spec:
+def universal_spec(info: Any, stages: Sequence[Sequence[_RankState]]) -> Spec:
     """The spec that a tensor-parallel checkpoint's own ``universal_checkpoint_info`` implies:
     one rule per tensor, merging it as DeepSpeed's ``ds_to_universal`` does. Trained parameters
     in no category are column-parallel (concatenated on dim 0); other module tensors (buffers,
@@ -548,8 +569,10 @@ def universal_spec(info: Any, ranks: Sequence[_RankState]) -> Spec:
         return any(re.match(p, name) for p in info.get(category) or ())
 
     rules: list[Rule] = []
-    pieces = len(ranks)
-    for name in dict.fromkeys(n for r in ranks for n in r.order):
+    pieces = len(stages[0])
+    # each stage's names, once (a name on several stages keeps its first stage's rule)
+    owners = {n: ranks for ranks in reversed(stages) for r in ranks for n in r.order}
+    for name, ranks in owners.items():
         where = f"universal_checkpoint_info of {name!r}"
         exact = re.compile(f"^{re.escape(name)}$")
         if matches(_SUB_PARAMS, name) or matches(_PIPELINE_REPLICATED, name):
@@ -574,6 +597,55 @@ def universal_spec(info: Any, ranks: Sequence[_RankState]) -> Spec:
             rule = Rule(exact, "shard", dim=1 if matches(_ROW_PARALLEL, name) else 0, where=where)
         rules.append(rule)
     return Spec(tuple(rules), name="the checkpoint's universal_checkpoint_info")
+
+
+def _check_pp_degree(folder: Path, mp_ranks: int, pp_degree: int) -> None:
+    if pp_degree < 1 or mp_ranks % pp_degree:
+        raise CorruptCheckpointError(
+            f"{folder}: {mp_ranks} model-parallel rank(s) do not split into {pp_degree} stages"
+        )
+
+
+def _pipeline_modules(
+    folder: Path, model_files: Sequence[Path], tp_degree: int, load: _Loader
+) -> list[_Module] | None:
+    """Per model-parallel rank, the module a pipeline-parallel checkpoint stored as layer files
+    (``layer_XX[-model_YY]-model_states.pt``: layer XX's state_dict on TP rank YY), under the
+    names DeepSpeed's PipelineModule and ``ds_to_universal`` use: ``<XX>.<key>``. ``None`` if
+    there are no layer files.
+
+    Stages hold consecutive layers; a layer belongs to the last stage whose first trained
+    parameter's layer is at or before it (layers before stage 0's are stage 0's)."""
+    files: dict[tuple[int, int], Path] = {}
+    for path in folder.glob("layer_*-model_states.pt"):
+        if match := _LAYER_FILE.match(path.name):
+            files[(int(match.group(1)), int(match.group(2) or 0))] = path
+    if not files:
+        return None
+    stages = len(model_files) // tp_degree
+    starts: list[int | None] = []
+    for p in range(stages):
+        model_file = model_files[p * tp_degree]
+        names = [n for group in _field(load(model_file), "param_shapes", model_file) for n in group]
+        unnumbered = [n for n in names if not n.split(".", 1)[0].isdigit()]
+        if unnumbered:
+            raise ConversionError(
+                f"{model_file}: parameters outside the pipeline's numbered layers ({unnumbered[0]}"
+                ", ...; tied modules?) are not supported"
+            )
+        starts.append(min((int(n.split(".", 1)[0]) for n in names), default=None))
+    modules: list[dict[str, tuple[Path, torch.Tensor]]] = [{} for _ in model_files]
+    for layer in sorted({layer for layer, _ in files}):
+        stage = max((p for p, s in enumerate(starts) if s is not None and s <= layer), default=0)
+        for tp in range(tp_degree):
+            layer_file = files.get((layer, tp))
+            if layer_file is None:
+                raise CorruptCheckpointError(
+                    f"{folder}: layer {layer} has no file for TP rank {tp}"
+                )
+            for key, tensor in load(layer_file).items():
+                modules[stage * tp_degree + tp][f"{layer}.{key}"] = (layer_file, tensor)
+    return list(modules)
 
 
 def _check_dp_degree(info: Mapping[str, Any], grid: Sequence[Sequence[Path]], folder: Path) -> None:
