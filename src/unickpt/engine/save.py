@@ -55,7 +55,8 @@ WRITE_STREAMS = 2  # concurrent files per rank: disks here sustain ~1.5-2x more 
 STREAM_MIN_BYTES = 64 * 1024 * 1024  # below this, a second stream is only another file
 
 
-def _shard_key(key: str, box: Box) -> str:
+def shard_key(key: str, box: Box) -> str:
+    """A chunk's name in its data file's safetensors header (docs/FORMAT.md §3)."""
     return f"{key}@{','.join(map(str, box.offsets))}"
 
 
@@ -71,7 +72,7 @@ def _write_file(
     for key, box in writes:
         dtype = plan.tensors[key][0]
         entries.append(
-            FileEntry(_shard_key(key, box), dtype, box.sizes, box.volume * itemsize(dtype))
+            FileEntry(shard_key(key, box), dtype, box.sizes, box.volume * itemsize(dtype))
         )
     header, offsets = encode_header(
         entries, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)}
@@ -211,7 +212,7 @@ def prepare_save(
                     f"{storage.url} already holds a committed checkpoint; save to a new path"
                 )
             if rank == 0:
-                _mark_inflight(storage)
+                mark_inflight(storage)
             digest = layout_digest(metas)
         except Exception as exc:
             error = exc
@@ -316,7 +317,8 @@ def save(
     )
 
 
-def _mark_inflight(storage: Storage) -> None:
+def mark_inflight(storage: Storage) -> None:
+    """Create the checkpoint directory and its in-flight marker (docs/FORMAT.md §6)."""
     storage.ensure_root()
     marker = {
         "host": socket.gethostname(),
@@ -369,7 +371,7 @@ def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
                 outcome = f"{type(exc).__name__}: {exc}"
             else:
                 with contextlib.suppress(Exception):  # committed; leftovers are only clutter
-                    _tidy(storage, manifest)
+                    tidy(storage, manifest)
         outcome = comm.broadcast_bytes(outcome.encode()).decode()
         if outcome:
             raise StorageError(f"save to {storage.url} failed, nothing was committed: {outcome}")
@@ -433,7 +435,7 @@ def _build_manifest(
     return Manifest.from_json(manifest.to_json(), where="(about to commit)")
 
 
-def _tidy(storage: Storage, manifest: Manifest) -> None:
+def tidy(storage: Storage, manifest: Manifest) -> None:
     """Drop everything the manifest does not reference: the in-flight marker, and whatever a
     crashed earlier save to this path left behind (data files, temporary files)."""
     for name in storage.list():

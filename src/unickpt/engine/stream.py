@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from unickpt.engine.buffers import tensor_bytes
-from unickpt.engine.save import DATA_DIR, _mark_inflight, _shard_key, _tidy
+from unickpt.engine.save import DATA_DIR, mark_inflight, shard_key, tidy
 from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import dtype_name, itemsize
@@ -96,7 +96,7 @@ def _lay_out(
     for key, lazy in entries:
         name = dtype_name(lazy.dtype, key=key)
         entry = FileEntry(
-            _shard_key(key, Box.full(lazy.shape)),
+            shard_key(key, Box.full(lazy.shape)),
             name,
             lazy.shape,
             math.prod(lazy.shape) * itemsize(name),
@@ -172,7 +172,7 @@ def stream_save(
     if len(set(keys)) != len(keys):
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         raise CheckpointError(f"two output tensors share a key: {duplicates}")
-    _mark_inflight(storage)
+    mark_inflight(storage)
     total = sum(lazy.nbytes for _, lazy in tensors)
     done = 0
     files: dict[str, int] = {}
@@ -237,7 +237,7 @@ def stream_save(
     )
     manifest = Manifest.from_json(manifest.to_json(), where="(about to commit)")
     commit_manifest(storage, manifest)
-    _tidy(storage, manifest)
+    tidy(storage, manifest)
     return manifest
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unickpt.engine.comm import Comm
-from unickpt.engine.save import _mark_inflight
+from unickpt.engine.save import mark_inflight
 from unickpt.errors import CorruptCheckpointError, StorageError
 from unickpt.format.manifest import INFLIGHT, MANIFEST, Manifest
 from unickpt.storage import Storage
@@ -118,7 +118,7 @@ def drain(comm: Comm, source_root: Storage, target_root: Storage, name: str) -> 
             else:
                 manifest = Manifest.from_json(text, where=source.describe(MANIFEST))
                 intro["files"] = manifest.files
-                _mark_inflight(target)
+                mark_inflight(target)
         except Exception as exc:
             intro["error"] = _describe(exc)
     intro = json.loads(comm.broadcast_bytes(json.dumps(intro).encode()))
