@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
+from typing import Any
 
 import psutil
 import pytest
@@ -14,6 +16,8 @@ from torch.distributed.tensor import DTensor
 
 import unickpt
 from unickpt.engine import background
+from unickpt.engine.save import DATA_DIR, LOCAL_WRITE_BYTES
+from unickpt.storage import LocalStorage, Storage, Writer
 
 from dist_harness import run_distributed
 
@@ -159,3 +163,63 @@ def _fsdp_lazy(rank: int, world_size: int, root: str) -> dict[int, dict[str, tor
 def test_lazy_saves_alongside_fsdp2_collectives(ckpt_root: str) -> None:
     expected = run_distributed(2, _fsdp_lazy, ckpt_root)[0]
     _check_checkpoints(ckpt_root, expected)
+
+
+class _Recorder:
+    """What the data-file writers of a _Recording storage saw: each write's size and the
+    writing thread's nice value; they wait at ``gate`` before every write."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.nice: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+
+class _RecordingWriter(Writer):
+    def __init__(self, inner: Writer, recorder: _Recorder) -> None:
+        self._inner, self._recorder = inner, recorder
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._recorder.sizes.append(memoryview(data).nbytes)
+        self._recorder.nice.append(os.getpriority(os.PRIO_PROCESS, 0))  # Linux: this thread
+        self._recorder.gate.wait()
+        self._inner.write(data)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+class _Recording(Storage):
+    """Mixin: data files are written through a _RecordingWriter."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.recorder = _Recorder()
+
+    def open_writer(self, path: str) -> Writer:
+        inner = super().open_writer(path)
+        if not path.startswith(DATA_DIR + "/"):
+            return inner
+        return _RecordingWriter(inner, self.recorder)
+
+
+class _RecordingLocal(_Recording, LocalStorage):
+    pass
+
+
+def test_local_files_are_written_in_small_checksummed_pieces(ckpt_root: str) -> None:
+    state = {"big": torch.randn(1000, 1000), "small": torch.arange(10.0), "empty": torch.ones(0)}
+    storage = _RecordingLocal(f"{ckpt_root}/pieces")
+    unickpt.save(storage, state)
+    _header, *pieces = storage.recorder.sizes
+    assert max(pieces) <= LOCAL_WRITE_BYTES < state["big"].nbytes
+    assert sum(pieces) == sum(t.nbytes for t in state.values())
+    report = unickpt.verify(storage.root)  # raises unless every chunk matches its checksum
+    assert report.bytes_checked == sum(pieces)
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    unickpt.load(storage.root, target)
+    assert all(torch.equal(target[k], v) for k, v in state.items())
