@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
-from typing import Any
 
 import psutil
 import pytest
@@ -17,7 +15,7 @@ from torch.distributed.tensor import DTensor
 import unickpt
 from unickpt.engine import background
 from unickpt.engine.save import DATA_DIR, LOCAL_WRITE_BYTES
-from unickpt.storage import LocalStorage, Storage, Writer
+from unickpt.storage import LocalStorage, Writer
 
 from dist_harness import run_distributed
 
@@ -165,25 +163,14 @@ def test_lazy_saves_alongside_fsdp2_collectives(ckpt_root: str) -> None:
     _check_checkpoints(ckpt_root, expected)
 
 
-class _Recorder:
-    """What the data-file writers of a _Recording storage saw: each write's size and the
-    writing thread's nice value; they wait at ``gate`` before every write."""
-
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-        self.nice: list[int] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-
 class _RecordingWriter(Writer):
-    def __init__(self, inner: Writer, recorder: _Recorder) -> None:
-        self._inner, self._recorder = inner, recorder
+    """Passes writes through, appending each one's size to ``sizes``."""
+
+    def __init__(self, inner: Writer, sizes: list[int]) -> None:
+        self._inner, self._sizes = inner, sizes
 
     def write(self, data: memoryview | bytes) -> None:
-        self._recorder.sizes.append(memoryview(data).nbytes)
-        self._recorder.nice.append(os.getpriority(os.PRIO_PROCESS, 0))  # Linux: this thread
-        self._recorder.gate.wait()
+        self._sizes.append(memoryview(data).nbytes)
         self._inner.write(data)
 
     def close(self) -> None:
@@ -193,29 +180,23 @@ class _RecordingWriter(Writer):
         self._inner.abort()
 
 
-class _Recording(Storage):
-    """Mixin: data files are written through a _RecordingWriter."""
+class _RecordingLocal(LocalStorage):
+    """Local storage recording the size of every write() call to a data file."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.recorder = _Recorder()
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.sizes: list[int] = []
 
     def open_writer(self, path: str) -> Writer:
         inner = super().open_writer(path)
-        if not path.startswith(DATA_DIR + "/"):
-            return inner
-        return _RecordingWriter(inner, self.recorder)
-
-
-class _RecordingLocal(_Recording, LocalStorage):
-    pass
+        return _RecordingWriter(inner, self.sizes) if path.startswith(DATA_DIR + "/") else inner
 
 
 def test_local_files_are_written_in_small_checksummed_pieces(ckpt_root: str) -> None:
     state = {"big": torch.randn(1000, 1000), "small": torch.arange(10.0), "empty": torch.ones(0)}
     storage = _RecordingLocal(f"{ckpt_root}/pieces")
     unickpt.save(storage, state)
-    _header, *pieces = storage.recorder.sizes
+    _header, *pieces = storage.sizes
     assert max(pieces) <= LOCAL_WRITE_BYTES < state["big"].nbytes
     assert sum(pieces) == sum(t.nbytes for t in state.values())
     report = unickpt.verify(storage.root)  # raises unless every chunk matches its checksum
