@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import sys
 import uuid
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 import unickpt
 from unickpt.storage import LocalStorage, MemoryStorage, Storage, open_storage
+from unickpt.storage.local import DIRECT_ALIGN
+
+LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -56,8 +62,9 @@ def test_aborted_write_is_invisible(storage: Storage) -> None:
 
 def test_reading_past_the_end_names_the_file(storage: Storage) -> None:
     storage.put_atomic("data/c.bin", b"0123")
-    with storage.open_reader("data/c.bin") as reader, pytest.raises(
-        unickpt.CorruptCheckpointError, match=r"data/c\.bin is truncated"
+    with (
+        storage.open_reader("data/c.bin") as reader,
+        pytest.raises(unickpt.CorruptCheckpointError, match=r"data/c\.bin is truncated"),
     ):
         reader.read(2, 10)
 
@@ -130,7 +137,7 @@ def test_save_and_load_through_memory_storage() -> None:
 def test_large_rank_writes_two_concurrent_files(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys.modules["unickpt.engine.save"], "STREAM_MIN_BYTES", 1024)
+    monkeypatch.setattr(sys.modules["unickpt.engine.datafile"], "STREAM_MIN_BYTES", 1024)
     state = {f"t{i}": torch.randn(64 + i, 8) for i in range(7)}
     path = os.path.join(os.fspath(tmp_path), "ck")
     result = unickpt.save(path, state)
@@ -143,3 +150,64 @@ def test_large_rank_writes_two_concurrent_files(
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     unickpt.load(path, target)
     assert all(torch.equal(target[k], v) for k, v in state.items())
+
+
+def _resident_pages(path: str) -> list[bool]:
+    """Which pages of the file are in the page cache (mincore over a read-only mapping)."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mapping:
+        address = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+        assert LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) == 0
+    return [bool(v & 1) for v in vec]
+
+
+def _filesystem(path: str) -> str:
+    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
+    best, kind = "", ""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, fstype = line.split()[:3]
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fstype
+    return kind
+
+
+def _aligned(nbytes: int) -> memoryview:
+    buffer = mmap.mmap(-1, nbytes)  # page-aligned
+    buffer.write(bytes(range(256)) * (nbytes // 256))
+    return memoryview(buffer)
+
+
+def test_large_aligned_writes_bypass_the_page_cache(tmp_path: os.PathLike[str]) -> None:
+    storage = LocalStorage(os.fspath(tmp_path))
+    header, data = b"h" * DIRECT_ALIGN, _aligned(4 * 2**20)
+    if _filesystem(os.fspath(tmp_path)) in ("tmpfs", "ramfs"):
+        pytest.skip("the page cache is this filesystem's only copy")
+    with storage.open_writer("f.bin") as writer:
+        writer.write(header)  # small: buffered, leaves the position aligned
+        writer.write(data)  # aligned, large: direct
+        writer.write(data[:1000])  # unaligned tail: buffered
+        direct = writer._direct_ok  # type: ignore[attr-defined]
+    path = os.path.join(os.fspath(tmp_path), "f.bin")
+    resident = _resident_pages(path)  # before reading the file back, which would cache it
+    with open(path, "rb") as f:
+        assert f.read() == header + bytes(data) + bytes(data[:1000])
+    if not direct:
+        pytest.skip("this filesystem refused O_DIRECT; the writer fell back to buffered writes")
+    data_pages = slice(1, 1 + data.nbytes // DIRECT_ALIGN)
+    assert not any(resident[data_pages]), "direct writes went through the page cache"
+    assert resident[0] and resident[-1], "buffered writes should be in the page cache"
+
+
+def test_unaligned_writes_stay_correct(tmp_path: os.PathLike[str]) -> None:
+    storage = LocalStorage(os.fspath(tmp_path))
+    data = _aligned(3 * 2**20)
+    pieces = [data[1:], data[: 2**20 + 5], b"x" * 3, data]  # misaligned address, size, position
+    with storage.open_writer("g.bin") as writer:
+        for piece in pieces:
+            writer.write(piece)
+    with open(os.path.join(os.fspath(tmp_path), "g.bin"), "rb") as f:
+        assert f.read() == b"".join(bytes(p) for p in pieces)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import uuid
@@ -43,11 +45,35 @@ def makedirs_durable(path: str) -> None:
         fsync_dir(os.path.dirname(directory))
 
 
+# Buffered writes go to the kernel in calls of at most this size. On the VMs measured (Linux
+# 6.18, ext4), larger calls made the page cache allocate large folios out of whole free
+# pageblocks, which the balloon's free-page reporting had handed back to the host, so every page
+# faulted in from the host again: 3.9 CPU-s per GB written with 4 MiB calls vs 0.34 with 256 KiB.
+BUFFERED_WRITE_BYTES = 256 * 1024
+# Direct I/O (O_DIRECT) needs the memory address, the file offset and the length aligned to the
+# device's block; a page covers every block size in use.
+DIRECT_ALIGN = 4096
+# Writes at least this large, from page-aligned memory at a page-aligned file offset, bypass the
+# page cache: no copy into it and no page allocation, which costs the CPU a background save takes
+# from training (measured here: 0.25 vs 0.55 CPU-s per GB, at the same disk throughput).
+DIRECT_MIN_BYTES = 1024 * 1024
+DIRECT_WRITE_BYTES = 8 * 1024 * 1024  # per call: large enough to keep the device queue busy
+
+
+def _address(view: memoryview) -> int:
+    """Where ``view``'s bytes start in memory (read-only views have no ctypes route)."""
+    if view.readonly:
+        return 0  # treated as unaligned: only the buffered path touches it
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 class _LocalWriter(Writer):
     def __init__(self, final: str, where: str) -> None:
         self._final = final
         self._tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
         self._where = where
+        self._position = 0
+        self._direct_ok = True  # until the filesystem refuses O_DIRECT
         try:
             makedirs_durable(os.path.dirname(final))
             self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -55,15 +81,51 @@ class _LocalWriter(Writer):
             raise _storage_error("create", where, exc) from exc
 
     def write(self, data: memoryview | bytes) -> None:
-        assert self._fd is not None
         view = memoryview(data).cast("B")
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            direct = self._direct_span(view)
+            if direct:
+                self._write_direct(view[:direct])
+                view = view[direct:]
+            self._write_all(view, BUFFERED_WRITE_BYTES)
         except OSError as exc:
             self.abort()
             raise _storage_error("write", self._where, exc) from exc
+
+    def _direct_span(self, view: memoryview) -> int:
+        """How many leading bytes of ``view`` can be written with direct I/O (0: none)."""
+        span = view.nbytes - view.nbytes % DIRECT_ALIGN
+        if (
+            not self._direct_ok
+            or span < DIRECT_MIN_BYTES
+            or self._position % DIRECT_ALIGN
+            or _address(view) % DIRECT_ALIGN
+        ):
+            return 0
+        return span
+
+    def _write_direct(self, view: memoryview) -> None:
+        """Write page-aligned ``view`` around the page cache; buffered where that is refused."""
+        assert self._fd is not None
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        start = self._position
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            self._write_all(view, DIRECT_WRITE_BYTES)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct_ok = False  # no direct I/O on this filesystem: the rest goes buffered
+        finally:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+        self._write_all(view[self._position - start :], BUFFERED_WRITE_BYTES)
+
+    def _write_all(self, view: memoryview, call_bytes: int) -> None:
+        assert self._fd is not None
+        while view:
+            written = os.write(self._fd, view[:call_bytes])
+            self._position += written
+            view = view[written:]
 
     def close(self) -> None:
         if self._fd is None:
