@@ -9,13 +9,15 @@ import random
 import psutil
 import pytest
 import torch
+from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import unickpt
 from unickpt.engine import background
-from unickpt.engine.save import DATA_DIR, LOCAL_WRITE_BYTES
+from unickpt.engine.datafile import DATA_DIR
 from unickpt.storage import LocalStorage, Writer
+from unickpt.storage.local import BUFFERED_WRITE_BYTES
 
 from dist_harness import run_distributed
 
@@ -197,10 +199,59 @@ def test_local_files_are_written_in_small_checksummed_pieces(ckpt_root: str) -> 
     storage = _RecordingLocal(f"{ckpt_root}/pieces")
     unickpt.save(storage, state)
     _header, *pieces = storage.sizes
-    assert max(pieces) <= LOCAL_WRITE_BYTES < state["big"].nbytes
+    assert max(pieces) <= BUFFERED_WRITE_BYTES < state["big"].nbytes
     assert sum(pieces) == sum(t.nbytes for t in state.values())
     report = unickpt.verify(storage.root)  # raises unless every chunk matches its checksum
     assert report.bytes_checked == sum(pieces)
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     unickpt.load(storage.root, target)
     assert all(torch.equal(target[k], v) for k, v in state.items())
+
+
+def test_staging_copies_strided_and_misaligned_chunks(ckpt_root: str) -> None:
+    # "flag" (3 bytes) leaves "wt" at an offset no float32 view can start at; "wt" and "xt" are
+    # transposed (not contiguous) and "y" lies at an aligned offset after them.
+    state = {
+        "flag": torch.tensor([True, False, True]),
+        "wt": torch.randn(5, 7).T,
+        "xt": torch.randn(6, 4, dtype=torch.float64).T,
+        "y": torch.arange(9, dtype=torch.int16),
+    }
+    for mode in ("async", "lazy"):
+        result = unickpt.save(f"{ckpt_root}/{mode}", state, mode=mode).wait()
+        assert result is not None
+        unickpt.verify(result.path)
+        stored = {}
+        for name in unickpt.inspect(result.path).files:  # standard safetensors, data aligned
+            with open(os.path.join(result.path, name), "rb") as f:
+                assert (8 + int.from_bytes(f.read(8), "little")) % 4096 == 0
+            with safe_open(os.path.join(result.path, name), "pt") as f:
+                names = f.keys()
+                stored.update({n.split("@")[0]: f.get_tensor(n) for n in names})
+        assert stored.keys() == state.keys()
+        assert all(torch.equal(stored[k], state[k]) for k in state)
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        unickpt.load(result.path, target)
+        assert all(torch.equal(target[k], v) for k, v in state.items()), mode
+
+
+def _replicated_pool(rank: int, world_size: int, root: str) -> tuple[int, int]:
+    # Every rank holds the same two 48 MiB tensors (as under DDP); the plan has each rank write
+    # about half, and a rank stages only what it writes.
+    torch.manual_seed(0)
+    state = {"a": torch.randn(12 * 2**20), "b": torch.randn(12 * 2**20)}
+    for i in range(3):
+        assert unickpt.save(f"{root}/r{i}", state, mode="async").wait() is not None
+    return background.POOL.nbytes, sum(t.nbytes for t in state.values())
+
+
+def test_a_rank_stages_only_what_it_writes(ckpt_root: str) -> None:
+    results = run_distributed(2, _replicated_pool, ckpt_root)
+    state_bytes = results[0][1]
+    for pool_bytes, _ in results:
+        assert pool_bytes <= 0.55 * state_bytes, (pool_bytes, state_bytes)
+    assert sum(pool for pool, _ in results) == state_bytes  # the replicas are written once
+    target = {"a": torch.zeros(12 * 2**20), "b": torch.zeros(12 * 2**20)}
+    unickpt.load(f"{ckpt_root}/r2", target)
+    torch.manual_seed(0)
+    assert torch.equal(target["a"], torch.randn(12 * 2**20))

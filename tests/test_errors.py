@@ -459,8 +459,9 @@ def test_unwritable_data_directory(ckpt: str, ckpt_root: str) -> None:
     assert_loads_bit_exact(ckpt)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])  # async: staged images, direct I/O
 def test_disk_full_while_writing_data(
-    ckpt: str, ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+    ckpt: str, ckpt_root: str, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     real_write = os.write
 
@@ -472,7 +473,10 @@ def test_disk_full_while_writing_data(
     path = os.path.join(ckpt_root, "step_13")
     monkeypatch.setattr(os, "write", write)
     with pytest.raises(unickpt.StorageError, match=r"\(disk full\)") as exc:
-        unickpt.save(path, state(), step=13)
+        if mode == "sync":
+            unickpt.save(path, state(), step=13)
+        else:
+            unickpt.save(path, state(), step=13, mode="async").wait()
     monkeypatch.undo()
     written = rf"cannot write {re.escape(path)}/data/r00000-[0-9a-f]+-\d+\.safetensors"
     assert re.search(written, str(exc.value)), str(exc.value)

@@ -10,6 +10,7 @@ training loop's own collectives.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,8 +21,7 @@ import torch.distributed as dist
 
 from unickpt.engine.comm import Comm
 from unickpt.engine.result import SaveResult
-from unickpt.layout.sharded import LocalShard
-from unickpt.layout.state import SaveView, find_instances
+from unickpt.layout.state import find_instances
 
 log = logging.getLogger("unickpt")
 
@@ -89,40 +89,40 @@ class SaveHandle:
 
 
 class StagingPool:
-    """Host buffers, one per tensor key, reused by every save while the layout stays the same."""
+    """Host buffers for data images (one per write stream), reused by every save while their
+    sizes stay the same: page-aligned (direct I/O writes straight from them), pre-touched once
+    (fresh memory faults in slowly), pinned when CUDA is present (fast device-to-host copies)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._images: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() for b in self._buffers.values())
+        return sum(image.numel() for image in self._images)
 
-    def _buffer(self, key: str, nbytes: int) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() != nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-            buffer.zero_()  # pre-touch now, not in the middle of a later copy
-            self._buffers[key] = buffer
-        return buffer
+    def images(self, sizes: list[int]) -> list[torch.Tensor]:
+        """uint8 buffers of exactly ``sizes`` bytes; buffers that no longer fit are freed
+        before new ones are made, so the pool never holds more than the larger layout."""
+        if [image.numel() for image in self._images] != sizes:
+            self._images = []  # freed first: the old and the new layout are never both held
+            self._images = [_aligned_buffer(size) for size in sizes]
+        return list(self._images)
 
     def clear(self) -> None:
         """Free every buffer (the next background save allocates them again)."""
-        self._buffers.clear()
+        self._images = []
 
-    def stage(self, view: SaveView) -> SaveView:
-        """A copy of ``view`` whose shards live in the pool's buffers."""
-        staged = SaveView(objects=view.objects, opaque=view.opaque)
-        with torch.no_grad():
-            for key, shard in view.shards.items():
-                local = shard.local
-                buffer = self._buffer(key, local.numel() * local.element_size())
-                copy = buffer.view(local.dtype).view(local.shape)
-                copy.copy_(local.detach())
-                staged.shards[key] = LocalShard(copy, shard.global_shape, shard.box, shard.mesh)
-        for key in set(self._buffers) - set(view.shards):  # the layout changed: free what left
-            del self._buffers[key]
-        return staged
+
+def _aligned_buffer(nbytes: int) -> torch.Tensor:
+    if torch.cuda.is_available():  # pinned host memory is page-aligned
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        buffer.zero_()  # pre-touch now, not in the middle of a later copy
+    else:  # anonymous mmap: page-aligned, faulted in by the kernel at once (much faster than
+        # touching each page), returned to the system as soon as it is freed
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+        memory = mmap.mmap(-1, max(nbytes, 1), flags=flags)
+        buffer = torch.frombuffer(memory, dtype=torch.uint8)[:nbytes]
+    return buffer
 
 
 POOL = StagingPool()

@@ -1,10 +1,12 @@
-"""Synchronous distributed save: plan, stream each rank's shards, commit the manifest last.
+"""Distributed save: plan, write each rank's shards, commit the manifest last.
 
 Protocol (every rank): (1) flatten the local state and exchange a layout digest (with rank 0's
 save id and any local error) — the only collective before writing when the plan is cached;
-(2) write this rank's assigned boxes into one safetensors file, fsynced; (3) exchange the chunk
-records; rank 0 validates the tiling and atomically publishes manifest.json; (4) rank 0
-broadcasts the outcome so that every rank returns or raises together.
+(2) write this rank's assigned boxes into its data files (engine/datafile.py), fsynced;
+(3) exchange the chunk records; rank 0 validates the tiling and atomically publishes
+manifest.json; (4) rank 0 broadcasts the outcome so that every rank returns or raises together.
+Background saves (async, lazy) run (1) and stage the data files' bytes into the reused pool
+before the state may change, then (2)-(4) on a background thread.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import pickle
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -25,15 +27,12 @@ import torch
 import xxhash
 
 from unickpt.engine import background
-from unickpt.engine.buffers import tensor_bytes
 from unickpt.engine.comm import Comm
+from unickpt.engine.datafile import FileLayout, file_layouts, stage_file, stream_file, write_image
 from unickpt.engine.result import SaveResult
 from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
-from unickpt.format.checksum import Checksummer
-from unickpt.format.dtypes import dtype_name, itemsize
+from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     INFLIGHT,
     MANIFEST,
     Chunk,
@@ -41,114 +40,49 @@ from unickpt.format.manifest import (
     TensorMeta,
     commit_manifest,
 )
-from unickpt.format.safetensors_file import FileEntry, encode_header
 from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
 from unickpt.layout.state import SaveView, collect_for_save
 from unickpt.plan.save_plan import PlanCache, SavePlan, ShardMeta, build_save_plan, layout_digest
-from unickpt.storage import LocalStorage, Storage, Writer, open_storage
+from unickpt.storage import Storage, open_storage
 from unickpt.telemetry import PhaseTimer
 
 _PLANS = PlanCache()
-DATA_DIR = "data"
-WRITE_STREAMS = 2  # concurrent files per rank: disks here sustain ~1.5-2x more with two
-STREAM_MIN_BYTES = 64 * 1024 * 1024  # below this, a second stream is only another file
-# Local files get write() calls of this size. On the VMs measured (Linux 6.18, ext4), larger
-# calls made the page cache allocate large folios out of whole free pageblocks, which the
-# balloon's free-page reporting had handed back to the host, so every page faulted in from the
-# host again: 3.9 CPU-s per GB written with 4 MiB calls vs 0.34 with 256 KiB ones (same
-# process, interleaved). Smaller calls cost no more anywhere else. Other backends get whole
-# chunks (S3 sends a large write as a part without copying it).
-LOCAL_WRITE_BYTES = 256 * 1024
 
 
-def shard_key(key: str, box: Box) -> str:
-    """A chunk's name in its data file's safetensors header (docs/FORMAT.md §3)."""
-    return f"{key}@{','.join(map(str, box.offsets))}"
+@dataclass
+class _Planned:
+    """A save after its first collective: the save id, the plan, and this rank's files (with
+    their data images, once a background save has staged them)."""
+
+    uid: str
+    plan: SavePlan
+    cache_hit: bool
+    layouts: list[FileLayout]
+    images: list[torch.Tensor] | None = None
 
 
-def _local_slice(shard: LocalShard, box: Box) -> torch.Tensor:
-    return shard.local[box.relative_to(shard.box).slices()]
-
-
-def _write_file(
-    storage: Storage, file: str, writes: list[tuple[str, Box]], view: SaveView, plan: SavePlan
-) -> tuple[int, list[dict[str, Any]]]:
-    """Stream this rank's boxes into one safetensors file; returns its size and chunk records."""
-    entries = []
-    for key, box in writes:
-        dtype = plan.tensors[key][0]
-        entries.append(
-            FileEntry(shard_key(key, box), dtype, box.sizes, box.volume * itemsize(dtype))
-        )
-    header, offsets = encode_header(
-        entries, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)}
-    )
-    records = []
-    piece = LOCAL_WRITE_BYTES if isinstance(storage, LocalStorage) else None
-    with storage.open_writer(file) as writer:
-        writer.write(header)
-        for (key, box), entry, offset in zip(writes, entries, offsets, strict=True):
-            data = tensor_bytes(_local_slice(view.shards[key], box))
-            records.append(
-                {
-                    "key": key,
-                    "offsets": list(box.offsets),
-                    "sizes": list(box.sizes),
-                    "file": file,
-                    "st_key": entry.name,
-                    "offset": offset,
-                    "nbytes": entry.nbytes,
-                    "xxh3": _write_chunk(writer, data, piece or data.nbytes),
-                }
-            )
-    return offsets[-1] + entries[-1].nbytes if entries else len(header), records
-
-
-def _write_chunk(writer: Writer, data: memoryview, piece: int) -> str:
-    """Write ``data`` in pieces of ``piece`` bytes, each checksummed just before it is written
-    (while it is in cache: one pass over memory, not two); returns the chunk's checksum."""
-    digest = Checksummer()
-    for start in range(0, data.nbytes, max(piece, 1)):
-        block = data[start : start + piece]
-        digest.update(block)
-        writer.write(block)
-    return digest.hexdigest()
-
-
-def _streams(writes: list[tuple[str, Box]], plan: SavePlan) -> list[list[tuple[str, Box]]]:
-    """This rank's boxes dealt into files of near-equal size (largest first): as many as
-    WRITE_STREAMS, each carrying at least STREAM_MIN_BYTES."""
-    size = {key: itemsize(dtype) for key, (dtype, _) in plan.tensors.items()}
-    total = sum(box.volume * size[key] for key, box in writes)
-    count = max(1, min(WRITE_STREAMS, total // STREAM_MIN_BYTES))
-    streams: list[list[tuple[str, Box]]] = [[] for _ in range(count)]
-    load = [0] * count
-    for key, box in sorted(writes, key=lambda w: -w[1].volume * size[w[0]]):
-        lightest = load.index(min(load))
-        streams[lightest].append((key, box))
-        load[lightest] += box.volume * size[key]
-    return [sorted(s, key=lambda w: (w[0], w[1].offsets)) for s in streams if s]
-
-
-def _write_streams(
-    storage: Storage, rank: int, uid: str, plan: SavePlan, view: SaveView
-) -> dict[str, Any]:
-    """Write this rank's boxes as concurrent file streams."""
+def _write_files(storage: Storage, rank: int, planned: _Planned, view: SaveView) -> dict[str, Any]:
+    """Write this rank's files as concurrent streams; failures are reported, not raised."""
     report: dict[str, Any] = {"files": {}, "chunks": [], "error": None}
-    streams = _streams(plan.writes[rank], plan)
 
     def write(index: int) -> tuple[str, int, list[dict[str, Any]]]:
-        file = f"{DATA_DIR}/r{rank:05d}-{uid}-{index}.safetensors"
+        layout = planned.layouts[index]
+        file = layout.name(rank, planned.uid)
         try:
-            return (file, *_write_file(storage, file, streams[index], view, plan))
+            with storage.open_writer(file) as writer:
+                if planned.images is None:
+                    checksums = stream_file(writer, layout, view, storage)
+                else:
+                    checksums = write_image(writer, layout, planned.images[index])
         except Exception as exc:
             raise StorageError(
                 f"rank {rank} writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
             ) from exc
+        return file, layout.size, layout.records(file, checksums)
 
-    with ThreadPoolExecutor(max(1, len(streams))) as pool:
-        futures = [pool.submit(write, i) for i in range(len(streams))]
+    with ThreadPoolExecutor(max(1, len(planned.layouts))) as pool:
+        futures = [pool.submit(write, i) for i in range(len(planned.layouts))]
         for future in futures:
             try:
                 file, size, chunks = future.result()
@@ -237,12 +171,13 @@ def prepare_save(
     return PreparedSave(storage, view, metas, digest, error, step, user_metadata, timer)
 
 
-def finish_save(prepared: PreparedSave, comm: Comm) -> SaveResult:
-    """Plan, write and commit a prepared save (in any thread, over ``comm``'s process group)."""
+@contextlib.contextmanager
+def _abandon_on_failure(prepared: PreparedSave, comm: Comm) -> Iterator[None]:
+    """On any failure, leave the save to gc: drop its in-flight marker (rank 0), re-raise."""
     try:
-        return _plan_write_commit(prepared, comm)
+        yield
     except BaseException:
-        if comm.rank == 0 and prepared.error is None:  # the save is over: gc may take its debris
+        if comm.rank == 0 and prepared.error is None:
             with contextlib.suppress(Exception):
                 prepared.storage.delete(INFLIGHT)
         raise
@@ -305,6 +240,8 @@ def save(
     waits for it or is skipped (every rank makes the same choice; it is logged).
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
     """
+    if mode not in ("sync", "async", "lazy"):
+        raise ValueError(f"mode must be 'sync', 'async' or 'lazy', not {mode!r}")
     comm = Comm()
     if not background.admit(if_busy, comm):
         return background.SaveHandle.skipped_save(str(path))
@@ -318,21 +255,28 @@ def save(
         storage_options=storage_options,
     )
     if mode == "sync":
-        return finish_save(prepared, comm)
-    if mode not in ("async", "lazy"):
-        raise ValueError(f"mode must be 'sync', 'async' or 'lazy', not {mode!r}")
+        with _abandon_on_failure(prepared, comm):
+            planned = _plan(prepared, comm)
+            return _commit(prepared, planned, _write(prepared, planned, comm), comm)
+    staged: list[_Planned] = []  # filled by stage(), read by finish()
 
-    def stage() -> None:
-        with prepared.timer("stage"):
-            prepared.view = background.POOL.stage(prepared.view)
+    def stage() -> None:  # over the checkpoint group: in the caller (async) or the background
+        comm = background.checkpoint_comm()
+        with _abandon_on_failure(prepared, comm):
+            planned = _plan(prepared, comm)
+            with prepared.timer("stage"):
+                images = background.POOL.images([f.data_bytes for f in planned.layouts])
+                for layout, image in zip(planned.layouts, images, strict=True):
+                    stage_file(layout, prepared.view, image)
+                planned.images = images
+            staged.append(planned)
 
-    return background.start(
-        prepared.storage.url,
-        stage,
-        lambda: finish_save(prepared, background.checkpoint_comm()),
-        lazy=mode == "lazy",
-        state=state,
-    )
+    def finish() -> SaveResult:
+        comm = background.checkpoint_comm()
+        with _abandon_on_failure(prepared, comm):
+            return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
+
+    return background.start(prepared.storage.url, stage, finish, lazy=mode == "lazy", state=state)
 
 
 def mark_inflight(storage: Storage) -> None:
@@ -346,33 +290,43 @@ def mark_inflight(storage: Storage) -> None:
     storage.put_atomic(INFLIGHT, json.dumps(marker).encode())
 
 
-def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
-    storage, timer, view, metas = prepared.storage, prepared.timer, prepared.view, prepared.metas
-    digest, local_error = prepared.digest, prepared.error
-    step, user_metadata = prepared.step, prepared.user_metadata
-    with timer("plan"):
+def _plan(prepared: PreparedSave, comm: Comm) -> _Planned:
+    """The first collective (layout digests, the save id, every rank's local error), then the
+    plan: cached while the global layout stays the same, else built from every rank's shards."""
+    with prepared.timer("plan"):
+        error = prepared.error
         hello = {
-            "digest": digest,
+            "digest": prepared.digest,
             "uid": uuid.uuid4().hex[:12],
-            "error": None
-            if local_error is None
-            else f"{type(local_error).__name__}: {local_error}",
+            "error": None if error is None else f"{type(error).__name__}: {error}",
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
-        _raise_first_failure(replies, local_error, "save")
-        uid = replies[0]["uid"]
+        _raise_first_failure(replies, error, "save")
         global_digest = xxhash.xxh3_128_hexdigest("|".join(r["digest"] for r in replies).encode())
         plan = _PLANS.get(global_digest)
         cache_hit = plan is not None
         if plan is None:
-            gathered = comm.all_gather_bytes(json.dumps([m.to_json() for m in metas]).encode())
-            per_rank = [[ShardMeta.from_json(m) for m in json.loads(g)] for g in gathered]
+            metas = json.dumps([m.to_json() for m in prepared.metas]).encode()
+            per_rank = [
+                [ShardMeta.from_json(m) for m in json.loads(g)]
+                for g in comm.all_gather_bytes(metas)
+            ]
             plan = build_save_plan(per_rank)
             _PLANS.put(global_digest, plan)
+        layouts = file_layouts(plan.writes[comm.rank], plan)
+    return _Planned(replies[0]["uid"], plan, cache_hit, layouts)
 
-    with timer("write"):
-        report = _write_streams(storage, comm.rank, uid, plan, view)
 
+def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, Any]:
+    with prepared.timer("write"):
+        return _write_files(prepared.storage, comm.rank, planned, prepared.view)
+
+
+def _commit(
+    prepared: PreparedSave, planned: _Planned, report: dict[str, Any], comm: Comm
+) -> SaveResult:
+    """Gather every rank's report; rank 0 validates and publishes the manifest; all agree."""
+    storage, timer = prepared.storage, prepared.timer
     with timer("commit"):
         reports = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(report).encode())]
         outcome = ""
@@ -382,7 +336,12 @@ def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
                 if failures:
                     raise StorageError("; ".join(failures))
                 manifest = _build_manifest(
-                    reports, plan, view, step, user_metadata, comm.world_size
+                    reports,
+                    planned.plan,
+                    prepared.view,
+                    prepared.step,
+                    prepared.user_metadata,
+                    comm.world_size,
                 )
                 commit_manifest(storage, manifest)
             except Exception as exc:
@@ -394,7 +353,9 @@ def _plan_write_commit(prepared: PreparedSave, comm: Comm) -> SaveResult:
         if outcome:
             raise StorageError(f"save to {storage.url} failed, nothing was committed: {outcome}")
     written = sum(report["files"].values())
-    return SaveResult(str(storage.url), step, written, timer.total, cache_hit, timer.phases)
+    return SaveResult(
+        str(storage.url), prepared.step, written, timer.total, planned.cache_hit, timer.phases
+    )
 
 
 def _raise_first_failure(

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from unickpt.engine.buffers import tensor_bytes
-from unickpt.engine.save import DATA_DIR, mark_inflight, shard_key, tidy
+from unickpt.engine.datafile import DATA_DIR, shard_key
+from unickpt.engine.save import mark_inflight, tidy
 from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import dtype_name, itemsize

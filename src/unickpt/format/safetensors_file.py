@@ -30,9 +30,12 @@ class FileEntry:
 
 
 def encode_header(
-    entries: Sequence[FileEntry], metadata: dict[str, str]
+    entries: Sequence[FileEntry], metadata: dict[str, str], *, align: int = 8
 ) -> tuple[bytes, list[int]]:
-    """The header bytes and each entry's absolute byte offset in the file, in entry order."""
+    """The header bytes and each entry's absolute byte offset in the file, in entry order.
+
+    The JSON is padded with spaces so that the data starts at a multiple of ``align`` bytes.
+    """
     header: dict[str, Any] = {"__metadata__": metadata}
     position = 0
     for entry in entries:
@@ -43,7 +46,7 @@ def encode_header(
         }
         position += entry.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    text += b" " * (-(8 + len(text)) % align)  # safetensors itself aligns to 8
     prefix = struct.pack("<Q", len(text)) + text
     offsets = []
     position = len(prefix)
