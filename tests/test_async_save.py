@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 
 import psutil
 import pytest
@@ -255,3 +256,30 @@ def test_a_rank_stages_only_what_it_writes(ckpt_root: str) -> None:
     unickpt.load(f"{ckpt_root}/r2", target)
     torch.manual_seed(0)
     assert torch.equal(target["a"], torch.randn(12 * 2**20))
+
+
+class _GatedLocal(LocalStorage):
+    """Local storage whose every existence check waits for ``gate``."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.gate = threading.Event()
+
+    def exists(self, path: str) -> bool:
+        assert self.gate.wait(timeout=60), "gate never opened"
+        return super().exists(path)
+
+
+def test_lazy_save_call_does_no_storage_io(ckpt_root: str) -> None:
+    storage = _GatedLocal(f"{ckpt_root}/gated")
+    state = {"w": torch.randn(256, 256)}
+    expected = state["w"].clone()
+    handle = unickpt.save(storage, state, mode="lazy")  # returns although storage would block
+    assert not handle.done and not os.path.exists(storage.root)
+    storage.gate.set()
+    unickpt.before_update()
+    state["w"].add_(1.0)
+    assert handle.wait() is not None
+    target = {"w": torch.zeros(256, 256)}
+    unickpt.load(storage.root, target)
+    assert torch.equal(target["w"], expected)

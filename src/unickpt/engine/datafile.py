@@ -163,11 +163,14 @@ def stream_file(writer: Writer, layout: FileLayout, view: SaveView, storage: Sto
     return checksums
 
 
-def stage_file(layout: FileLayout, view: SaveView, image: torch.Tensor) -> None:
+def stage_file(layout: FileLayout, view: SaveView, image: torch.Tensor, *, all_cores: bool) -> None:
     """Copy the file's data into ``image`` (uint8, ``layout.data_bytes`` long).
 
     Only the copy happens here, while the state must not change; checksums are computed as the
-    image is written, when the caller's compute no longer waits for them.
+    image is written, when the caller's compute no longer waits for them. ``all_cores`` when the
+    caller is blocked anyway (async saves): torch's parallel copy. Otherwise (lazy saves, beside
+    the caller's compute) a plain memcpy: one thread, without the GIL (ctypes releases it), so it
+    takes at most one core from training, and only for its own time.
     """
     assert image.numel() == layout.data_bytes
     base = len(layout.header)
@@ -181,10 +184,11 @@ def stage_file(layout: FileLayout, view: SaveView, image: torch.Tensor) -> None:
                     target.copy_(source)
                     continue
                 source = source.contiguous().cpu()  # rare: a misaligned slot for a strided box
-            # A plain memcpy: single-threaded and without the GIL (ctypes releases it), so it
-            # takes at most one core from training, and only for its own time.
             assert source.numel() * source.element_size() == nbytes
-            ctypes.memmove(image.data_ptr() + begin, source.data_ptr(), nbytes)
+            if all_cores:
+                image[begin : begin + nbytes].copy_(source.reshape(-1).view(torch.uint8))
+            else:
+                ctypes.memmove(image.data_ptr() + begin, source.data_ptr(), nbytes)
 
 
 def write_image(writer: Writer, layout: FileLayout, image: torch.Tensor) -> list[str]:

@@ -159,16 +159,29 @@ def prepare_save(
                 ShardMeta(key, dtype_name(s.local.dtype, key=key), s.global_shape, s.box)
                 for key, s in view.shards.items()
             ]
-            if storage.exists(MANIFEST):
-                raise CheckpointExistsError(
-                    f"{storage.url} already holds a committed checkpoint; save to a new path"
-                )
-            if rank == 0:
-                mark_inflight(storage)
             digest = layout_digest(metas)
         except Exception as exc:
             error = exc
     return PreparedSave(storage, view, metas, digest, error, step, user_metadata, timer)
+
+
+def _claim(prepared: PreparedSave, rank: int) -> None:
+    """Refuse a path holding a committed checkpoint; rank 0 marks the save in flight. Storage
+    I/O, so a lazy save does it in the background. A failure is kept for the first collective,
+    like any local error."""
+    if prepared.error is not None:
+        return
+    with prepared.timer("claim"):
+        try:
+            if prepared.storage.exists(MANIFEST):
+                raise CheckpointExistsError(
+                    f"{prepared.storage.url} already holds a committed checkpoint; "
+                    "save to a new path"
+                )
+            if rank == 0:
+                mark_inflight(prepared.storage)
+        except Exception as exc:
+            prepared.error = exc
 
 
 @contextlib.contextmanager
@@ -255,19 +268,21 @@ def save(
         storage_options=storage_options,
     )
     if mode == "sync":
+        _claim(prepared, comm.rank)
         with _abandon_on_failure(prepared, comm):
             planned = _plan(prepared, comm)
             return _commit(prepared, planned, _write(prepared, planned, comm), comm)
     staged: list[_Planned] = []  # filled by stage(), read by finish()
 
-    def stage() -> None:  # over the checkpoint group: in the caller (async) or the background
+    def stage() -> None:  # in the caller (async) or in the background (lazy)
         comm = background.checkpoint_comm()
+        _claim(prepared, comm.rank)
         with _abandon_on_failure(prepared, comm):
             planned = _plan(prepared, comm)
             with prepared.timer("stage"):
                 images = background.POOL.images([f.data_bytes for f in planned.layouts])
                 for layout, image in zip(planned.layouts, images, strict=True):
-                    stage_file(layout, prepared.view, image)
+                    stage_file(layout, prepared.view, image, all_cores=mode == "async")
                 planned.images = images
             staged.append(planned)
 
