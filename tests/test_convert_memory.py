@@ -78,7 +78,7 @@ def _growth(run: Callable[[], object]) -> int:
 
     import psutil
 
-    from unickpt.convert.hf import release_freed_memory
+    from unickpt.engine.buffers import release_freed_memory
 
     gc.collect()
     release_freed_memory()

@@ -44,7 +44,8 @@ from typing import IO, Any
 
 import torch
 
-from unickpt.convert.hf import MAPPED_BYTES, mapped_empty, open_location, release_freed_memory
+from unickpt.convert.hf import open_location
+from unickpt.engine.buffers import MAPPED_BYTES, release_freed_memory, streaming_empty
 from unickpt.engine.stream import LazyTensor, Progress, stream_save
 from unickpt.errors import (
     CheckpointError,
@@ -406,7 +407,7 @@ class _Items:
             (box, stored), *rest = tensor.chunks
             if not rest and box.sizes == tensor.shape:
                 return self.chunk(fqn, tensor, box, stored)
-            out = mapped_empty(tensor.shape, tensor.dtype)
+            out = streaming_empty(tensor.shape, tensor.dtype)
             for box, stored in tensor.chunks:
                 out[box.slices()].copy_(self.chunk(fqn, tensor, box, stored))
             return out

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from unickpt.convert.hf import INDEX_FILE, SINGLE_FILE, mapped_empty, open_location, parse_spec
+from unickpt.convert.hf import INDEX_FILE, SINGLE_FILE, open_location, parse_spec
 from unickpt.convert.spec import Spec
-from unickpt.engine.buffers import tensor_bytes
+from unickpt.engine.buffers import streaming_empty, tensor_bytes
 from unickpt.engine.load import CheckpointReader
 from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import CheckpointError, ConversionError, StorageError
@@ -123,7 +123,9 @@ def _plan(reader: CheckpointReader, rules: Spec | None, cast: torch.dtype | None
     """The exported tensors, in name order, after the spec's renames and drops."""
 
     def read(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> LazyTensor:
-        return LazyTensor(shape, dtype, lambda: reader.read(key, mapped_empty(shape, dtype)), key)
+        return LazyTensor(
+            shape, dtype, lambda: reader.read(key, streaming_empty(shape, dtype)), key
+        )
 
     model = {
         key[len(MODEL_PREFIX) :]: read(key, meta.shape, torch_dtype(meta.dtype))
@@ -181,7 +183,7 @@ def _write_shard(
             for export in members:
                 tensor = export.source.materialize(export.name)
                 if tensor.dtype != export.dtype:
-                    tensor = mapped_empty(tensor.shape, export.dtype).copy_(tensor)
+                    tensor = streaming_empty(tensor.shape, export.dtype).copy_(tensor)
                 writer.write(tensor_bytes(tensor))
                 del tensor
                 wrote(export.nbytes)

@@ -13,10 +13,8 @@ as ``unickpt.save(path, {"model": model})`` writes it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ import torch
 
 from unickpt.convert.spec import Spec
 from unickpt.convert.target import write_converted
-from unickpt.engine.buffers import byte_view
+from unickpt.engine.buffers import byte_view, streaming_empty
 from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import (
     CheckpointNotFoundError,
@@ -42,17 +40,6 @@ from unickpt.storage import Reader, Storage, open_storage
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20  # an index maps names to file names; anything larger is not one
-MAPPED_BYTES = 1 << 20
-
-
-def _malloc_trim() -> Any:
-    try:  # glibc only; the C library this process already uses
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, TypeError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 
 
 def _safetensors_dtypes() -> dict[str, torch.dtype]:
@@ -64,31 +51,6 @@ def _safetensors_dtypes() -> dict[str, torch.dtype]:
 
 
 _FROM_SAFETENSORS = _safetensors_dtypes()
-
-
-def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor; one of ``MAPPED_BYTES`` or more gets a private anonymous
-    memory mapping, unmapped as soon as the tensor is freed.
-
-    Streaming allocates and frees one equal-sized tensor after another. glibc serves sizes below
-    its dynamic mmap threshold (up to 32 MiB) from the heap, where the small allocations made in
-    between land in freed blocks, so that the next large one no longer fits and the heap grows:
-    importing 40 tensors of 16 MiB grew the process by 144 MiB instead of 34 MiB
-    (tests/test_convert_memory.py).
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MAPPED_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    memory = mmap.mmap(-1, nbytes)  # the tensor holds a reference: unmapped with the tensor
-    return torch.frombuffer(memory, dtype=dtype, count=math.prod(shape)).view(shape)
-
-
-def release_freed_memory() -> None:
-    """Hand the pages of freed heap blocks back to the OS (glibc ``malloc_trim``; elsewhere a
-    no-op). For buffers others allocate on the heap (``torch.load``), where
-    :func:`mapped_empty` cannot be used: the blocks stay for reuse, their memory does not."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def open_location(
@@ -191,7 +153,7 @@ class SafetensorsFiles:
         """``tensor``, read with one ranged read when it is materialised."""
 
         def load() -> torch.Tensor:
-            out = mapped_empty(tensor.shape, tensor.dtype)
+            out = streaming_empty(tensor.shape, tensor.dtype)
             if tensor.nbytes:
                 self.reader(tensor.file).read_into(tensor.offset, byte_view(out))
             return out
@@ -342,9 +304,7 @@ __all__ = [
     "INDEX_FILE",
     "SINGLE_FILE",
     "import_hf",
-    "mapped_empty",
     "open_location",
     "parse_spec",
     "read_source",
-    "release_freed_memory",
 ]

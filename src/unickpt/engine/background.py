@@ -10,7 +10,6 @@ training loop's own collectives.
 from __future__ import annotations
 
 import logging
-import mmap
 import threading
 import weakref
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from unickpt.engine.buffers import mapped_empty
 from unickpt.engine.comm import Comm
 from unickpt.engine.result import SaveResult
 from unickpt.layout.state import find_instances
@@ -117,12 +117,8 @@ def _aligned_buffer(nbytes: int) -> torch.Tensor:
     if torch.cuda.is_available():  # pinned host memory is page-aligned
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         buffer.zero_()  # pre-touch now, not in the middle of a later copy
-    else:  # anonymous mmap: page-aligned, faulted in by the kernel at once (much faster than
-        # touching each page), returned to the system as soon as it is freed
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
-        memory = mmap.mmap(-1, max(nbytes, 1), flags=flags)
-        buffer = torch.frombuffer(memory, dtype=torch.uint8)[:nbytes]
-    return buffer
+        return buffer
+    return mapped_empty((nbytes,), torch.uint8, populate=True)
 
 
 POOL = StagingPool()
