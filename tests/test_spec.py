@@ -275,12 +275,30 @@ TIED = """
 
 def test_pipeline_replicated_keeps_the_first_stages_copy() -> None:
     s = spec(TIED % "pipeline_replicated: true")
-    first, last = randn(4, 2, seed=1), randn(4, 2, seed=2)
+    first = randn(4, 2, seed=1)
+    first[3, 1] = float("nan")  # copies are compared bit for bit: NaN equals its own copy
     out = s.merge(
-        [[{"embedding": lazy(first)}], [{"mid": lazy(randn(1))}], [{"output": lazy(last)}]]
+        [
+            [{"embedding": lazy(first)}],
+            [{"mid": lazy(randn(1))}],
+            [{"output": lazy(first.clone())}],
+        ]
     )
     assert list(out) == ["embed", "mid"]
     assert torch.equal(out["embed"].materialize("embed"), first[:3])
+
+
+def test_diverged_pipeline_copies_are_refused() -> None:
+    s = spec(TIED % "pipeline_replicated: true")
+    first = randn(4, 2, seed=1)
+    last = first.clone()
+    last[2, 0] += 1e-6
+    out = s.merge([[{"embedding": lazy(first)}], [{"output": lazy(last)}]])
+    with pytest.raises(
+        ConversionError,
+        match=r"embed: stage 1's copy \('output'\) differs from stage 0's \('embedding'\)",
+    ):
+        out["embed"].materialize("embed")
 
 
 def test_a_key_on_two_stages_needs_pipeline_replicated() -> None:

@@ -9,7 +9,8 @@ into one consolidated tensor per name (docs/CONVERT.md is the user-facing refere
 * the first rule whose ``match`` regex is found in the (renumbered) key decides how the TP
   copies merge: ``replicated``, ``average``, ``shard``, ``fused``, ``vocab_pad`` or ``drop``;
 * ``pipeline_replicated`` keeps the first stage's copy of a tensor several stages hold (tied
-  embeddings); otherwise a key on two stages is an error;
+  embeddings), once the later copies are found bit-identical; otherwise a key on two stages is
+  an error;
 * ``rename`` rewrites the key (``re.sub`` template of the rule's regex).
 
 Merging is lazy: :meth:`Spec.merge` returns shapes at once and reads a merged tensor's pieces
@@ -248,10 +249,18 @@ def _concat(pieces: Sequence[LazyTensor], dim: int, keep: int | None = None) -> 
     return out
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold identical bytes (NaNs included, unlike ``torch.equal``)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    flat_a, flat_b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+    return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
+
+
 def _equal_copies(key: str, pieces: Sequence[LazyTensor]) -> torch.Tensor:
     kept = pieces[0].load()
     for rank, piece in enumerate(pieces[1:], start=1):
-        if not torch.equal(piece.load(), kept):
+        if not _same_bits(piece.load(), kept):
             raise ConversionError(
                 f"{key}: declared replicated, but TP rank {rank}'s copy differs from rank 0's "
                 f"({piece.origin or 'source'}); use 'average' or 'shard' if that is intended"
@@ -422,6 +431,7 @@ class Spec:
         renumbered = self.renumber(stage_keys)
         merged: dict[str, LazyTensor] = {}
         producer: dict[str, tuple[int, str]] = {}
+        copies: dict[str, list[tuple[str, LazyTensor]]] = {}  # later stages' tied copies
         unmatched: list[str] = []
         for stage, (ranks, mapping) in enumerate(zip(stages, renumbered, strict=True)):
             for local_key, global_key in mapping.items():
@@ -449,6 +459,8 @@ class Spec:
                                 f"{list(candidate.shape)}, stage {first_stage}'s "
                                 f"{list(merged[out_key].shape)}: not copies of one tensor"
                             )
+                        where = f"stage {stage}'s copy ({global_key!r})"
+                        copies.setdefault(out_key, []).append((where, candidate))
                         continue
                     raise ConversionError(
                         f"output {out_key!r} comes from {first_key!r} (stage {first_stage}) and "
@@ -465,7 +477,30 @@ class Spec:
                 + ", ".join(unmatched[:50])
                 + (" ..." if len(unmatched) > 50 else "")
             )
+        for out_key, later in copies.items():
+            first_stage, first_key = producer[out_key]
+            merged[out_key] = _checked_copies(
+                out_key, merged[out_key], f"stage {first_stage}'s ({first_key!r})", later
+            )
         return merged
+
+
+def _checked_copies(
+    key: str, kept: LazyTensor, kept_where: str, copies: list[tuple[str, LazyTensor]]
+) -> LazyTensor:
+    """``kept``, loaded only after each copy has been checked to hold the same bits."""
+
+    def load() -> torch.Tensor:
+        tensor = kept.load()
+        for where, copy in copies:
+            if not _same_bits(copy.load(), tensor):
+                raise ConversionError(
+                    f"{key}: {where} differs from {kept_where}: the pipeline stages' copies of "
+                    "this tied tensor diverged, so neither can be taken as the tensor"
+                )
+        return tensor
+
+    return LazyTensor(kept.shape, kept.dtype, load, kept.origin)
 
 
 _PASS_THROUGH = Rule(re.compile(""), "replicated", where="non-strict pass-through")
