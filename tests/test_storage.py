@@ -15,7 +15,7 @@ import torch
 
 import unickpt
 from unickpt.storage import LocalStorage, MemoryStorage, Storage, open_storage
-from unickpt.storage.local import DIRECT_ALIGN
+from unickpt.storage.local import DIRECT_ALIGN, DIRECT_FILESYSTEMS, filesystem_type
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 
@@ -163,18 +163,6 @@ def _resident_pages(path: str) -> list[bool]:
     return [bool(v & 1) for v in vec]
 
 
-def _filesystem(path: str) -> str:
-    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
-    best, kind = "", ""
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            _, point, fstype = line.split()[:3]
-            inside = path == point or path.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, kind = point, fstype
-    return kind
-
-
 def _aligned(nbytes: int) -> memoryview:
     buffer = mmap.mmap(-1, nbytes)  # page-aligned
     buffer.write(bytes(range(256)) * (nbytes // 256))
@@ -184,8 +172,8 @@ def _aligned(nbytes: int) -> memoryview:
 def test_large_aligned_writes_bypass_the_page_cache(tmp_path: os.PathLike[str]) -> None:
     storage = LocalStorage(os.fspath(tmp_path))
     header, data = b"h" * DIRECT_ALIGN, _aligned(4 * 2**20)
-    if _filesystem(os.fspath(tmp_path)) in ("tmpfs", "ramfs"):
-        pytest.skip("the page cache is this filesystem's only copy")
+    if not storage.direct_io:
+        pytest.skip(f"no direct I/O on {filesystem_type(storage.root)!r} by default")
     with storage.open_writer("f.bin") as writer:
         writer.write(header)  # small: buffered, leaves the position aligned
         writer.write(data)  # aligned, large: direct
@@ -211,3 +199,20 @@ def test_unaligned_writes_stay_correct(tmp_path: os.PathLike[str]) -> None:
             writer.write(piece)
     with open(os.path.join(os.fspath(tmp_path), "g.bin"), "rb") as f:
         assert f.read() == b"".join(bytes(p) for p in pieces)
+
+
+def test_direct_io_only_where_it_is_a_plain_dma(tmp_path: os.PathLike[str]) -> None:
+    assert filesystem_type("/proc/self/status") == "proc"
+    assert filesystem_type(os.path.join(os.fspath(tmp_path), "not", "yet")) == filesystem_type(
+        os.fspath(tmp_path)
+    )
+    local = LocalStorage(os.fspath(tmp_path))
+    assert local.direct_io == (filesystem_type(os.fspath(tmp_path)) in DIRECT_FILESYSTEMS)
+    assert not LocalStorage("/dev/shm/unickpt-test").direct_io  # tmpfs: buffered
+    forced = LocalStorage(os.fspath(tmp_path), direct_io=False)
+    assert not forced.direct_io and not forced.child("sub").direct_io
+    data = _aligned(2 * 2**20)
+    with forced.open_writer("h.bin") as writer:
+        writer.write(data)
+    resident = _resident_pages(os.path.join(os.fspath(tmp_path), "h.bin"))
+    assert all(resident), "direct_io=False still went around the page cache"
