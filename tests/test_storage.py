@@ -216,3 +216,21 @@ def test_direct_io_only_where_it_is_a_plain_dma(tmp_path: os.PathLike[str]) -> N
         writer.write(data)
     resident = _resident_pages(os.path.join(os.fspath(tmp_path), "h.bin"))
     assert all(resident), "direct_io=False still went around the page cache"
+
+
+def test_read_only_buffers_go_buffered_and_leave_direct_io_on(tmp_path: os.PathLike[str]) -> None:
+    storage = LocalStorage(os.fspath(tmp_path))
+    if not storage.direct_io:
+        pytest.skip(f"no direct I/O on {filesystem_type(storage.root)!r} by default")
+    header, blob, data = b"h" * DIRECT_ALIGN, bytes(2 * 2**20), _aligned(4 * 2**20)
+    with storage.open_writer("r.bin") as writer:
+        writer.write(header)
+        writer.write(blob)  # read-only, at an aligned position: its address is unknown
+        writer.write(data)  # still written around the page cache
+    path = os.path.join(os.fspath(tmp_path), "r.bin")
+    resident = _resident_pages(path)
+    with open(path, "rb") as f:
+        assert f.read() == header + blob + bytes(data)
+    first = (len(header) + len(blob)) // DIRECT_ALIGN
+    assert all(resident[:first]), "buffered writes should be in the page cache"
+    assert not any(resident[first:]), "a read-only buffer switched direct I/O off"

@@ -84,11 +84,12 @@ def filesystem_type(path: str) -> str:
     return kind
 
 
-def _address(view: memoryview) -> int:
-    """Where ``view``'s bytes start in memory (read-only views have no ctypes route)."""
+def _page_aligned(view: memoryview) -> bool:
+    """Whether ``view``'s bytes start on a page boundary (read-only views have no ctypes route
+    to their address: taken as unaligned)."""
     if view.readonly:
-        return 0  # treated as unaligned: only the buffered path touches it
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
 
 class _LocalWriter(Writer):
@@ -123,7 +124,7 @@ class _LocalWriter(Writer):
             not self._direct_ok
             or span < DIRECT_MIN_BYTES
             or self._position % DIRECT_ALIGN
-            or _address(view) % DIRECT_ALIGN
+            or not _page_aligned(view)
         ):
             return 0
         return span
