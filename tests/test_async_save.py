@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import threading
+import time
 
 import psutil
 import pytest
@@ -282,4 +283,24 @@ def test_lazy_save_call_does_no_storage_io(ckpt_root: str) -> None:
     assert handle.wait() is not None
     target = {"w": torch.zeros(256, 256)}
     unickpt.load(storage.root, target)
+    assert torch.equal(target["w"], expected)
+
+
+@pytest.mark.parametrize("mode", ["sync", "lazy"])
+def test_max_write_rate_spreads_the_write_not_the_copy(ckpt_root: str, mode: str) -> None:
+    state = {"w": torch.randn(8 << 20)}  # 32 MiB: four 8 MiB writes, taking turns
+    expected = state["w"].clone()
+    rate = 64 << 20
+    start = time.monotonic()
+    result = unickpt.save(f"{ckpt_root}/capped", state, mode=mode, max_write_rate=rate)
+    if mode == "lazy":
+        assert isinstance(result, background.SaveHandle)
+        assert result.staged(timeout=60)
+        assert not result.done, "the copy is not held back, the write is"
+        unickpt.before_update()
+        state["w"].add_(1.0)
+        assert result.wait() is not None
+    assert time.monotonic() - start >= 24 * 2**20 / rate  # the last write's turn
+    target = {"w": torch.zeros(8 << 20)}
+    unickpt.load(f"{ckpt_root}/capped", target)
     assert torch.equal(target["w"], expected)

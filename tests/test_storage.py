@@ -6,6 +6,8 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -14,7 +16,15 @@ import pytest
 import torch
 
 import unickpt
-from unickpt.storage import LocalStorage, MemoryStorage, Storage, open_storage
+from unickpt.storage import (
+    LocalStorage,
+    MemoryStorage,
+    RateLimit,
+    Storage,
+    as_rate_limit,
+    open_storage,
+    rate_limited,
+)
 from unickpt.storage.local import DIRECT_ALIGN, DIRECT_FILESYSTEMS, filesystem_type
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -234,3 +244,41 @@ def test_read_only_buffers_go_buffered_and_leave_direct_io_on(tmp_path: os.PathL
     first = (len(header) + len(blob)) // DIRECT_ALIGN
     assert all(resident[:first]), "buffered writes should be in the page cache"
     assert not any(resident[first:]), "a read-only buffer switched direct I/O off"
+
+
+def test_rate_limit_caps_the_writers_that_share_it() -> None:
+    storage = MemoryStorage(f"test-{uuid.uuid4().hex}")
+    rate = 40 << 20
+    limit = RateLimit(rate)
+    pieces = [bytes([i]) * (1 << 20) for i in range(6)]
+
+    def write(name: str) -> None:
+        with rate_limited(storage.open_writer(name), limit) as writer:
+            for piece in pieces:
+                writer.write(piece)
+
+    threads = [threading.Thread(target=write, args=(f"f{i}",)) for i in range(2)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start
+    # 12 writes of 1 MiB take turns: the last one may start 11 turns after the first
+    assert elapsed >= 11 * (1 << 20) / rate
+    assert storage.read("f0") == storage.read("f1") == b"".join(pieces)
+
+
+def test_rate_limit_is_optional_and_validated() -> None:
+    writer = MemoryStorage(f"test-{uuid.uuid4().hex}").open_writer("x")
+    assert rate_limited(writer, None) is writer
+    assert as_rate_limit(None) is None
+    shared = RateLimit(1e9)
+    assert as_rate_limit(shared) is shared
+    assert as_rate_limit(5e8).bytes_per_second == 5e8  # type: ignore[union-attr]
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="must be positive"):
+            RateLimit(bad)
+    for bad in (float("nan"), float("inf"), "1e9"):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            RateLimit(bad)  # type: ignore[arg-type]

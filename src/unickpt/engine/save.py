@@ -44,7 +44,7 @@ from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
 from unickpt.layout.state import SaveView, collect_for_save
 from unickpt.plan.save_plan import PlanCache, SavePlan, ShardMeta, build_save_plan, layout_digest
-from unickpt.storage import Storage, open_storage
+from unickpt.storage import RateLimit, Storage, as_rate_limit, open_storage, rate_limited
 from unickpt.telemetry import PhaseTimer
 
 _PLANS = PlanCache()
@@ -62,15 +62,16 @@ class _Planned:
     images: list[torch.Tensor] | None = None
 
 
-def _write_files(storage: Storage, rank: int, planned: _Planned, view: SaveView) -> dict[str, Any]:
+def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[str, Any]:
     """Write this rank's files as concurrent streams; failures are reported, not raised."""
+    storage, view = prepared.storage, prepared.view
     report: dict[str, Any] = {"files": {}, "chunks": [], "error": None}
 
     def write(index: int) -> tuple[str, int, list[dict[str, Any]]]:
         layout = planned.layouts[index]
         file = layout.name(rank, planned.uid)
         try:
-            with storage.open_writer(file) as writer:
+            with rate_limited(storage.open_writer(file), prepared.write_limit) as writer:
                 if planned.images is None:
                     checksums = stream_file(writer, layout, view, storage)
                 else:
@@ -131,6 +132,7 @@ class PreparedSave:
     step: int | None
     user_metadata: dict[str, Any] | None
     timer: PhaseTimer
+    write_limit: RateLimit | None
 
 
 def prepare_save(
@@ -142,6 +144,7 @@ def prepare_save(
     user_metadata: dict[str, Any] | None,
     allow_pickle: bool,
     storage_options: Mapping[str, Any] | None = None,
+    write_limit: RateLimit | None = None,
 ) -> PreparedSave:
     timer = PhaseTimer()
     storage = open_storage(path, storage_options)
@@ -162,7 +165,9 @@ def prepare_save(
             digest = layout_digest(metas)
         except Exception as exc:
             error = exc
-    return PreparedSave(storage, view, metas, digest, error, step, user_metadata, timer)
+    return PreparedSave(
+        storage, view, metas, digest, error, step, user_metadata, timer, write_limit
+    )
 
 
 def _claim(prepared: PreparedSave, rank: int) -> None:
@@ -210,6 +215,7 @@ def save(
     allow_pickle: bool = ...,
     if_busy: background.BusyPolicy = ...,
     storage_options: Mapping[str, Any] | None = ...,
+    max_write_rate: float | RateLimit | None = ...,
 ) -> SaveResult: ...
 
 
@@ -224,6 +230,7 @@ def save(
     allow_pickle: bool = ...,
     if_busy: background.BusyPolicy = ...,
     storage_options: Mapping[str, Any] | None = ...,
+    max_write_rate: float | RateLimit | None = ...,
 ) -> background.SaveHandle: ...
 
 
@@ -237,6 +244,7 @@ def save(
     allow_pickle: bool = False,
     if_busy: background.BusyPolicy = "wait",
     storage_options: Mapping[str, Any] | None = None,
+    max_write_rate: float | RateLimit | None = None,
 ) -> SaveResult | background.SaveHandle:
     """Save ``state`` (every rank calls this with its own shards) as one committed checkpoint.
 
@@ -252,9 +260,14 @@ def save(
     in-place update). One save is in flight per process: ``if_busy`` says whether a new one
     waits for it or is skipped (every rank makes the same choice; it is logged).
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
+    ``max_write_rate`` caps the bytes per second this process writes for the save (pass one
+    :class:`~unickpt.storage.RateLimit` to several operations to cap them together): a
+    background save then commits later but takes a smaller share of the machine from the
+    training steps it overlaps.
     """
     if mode not in ("sync", "async", "lazy"):
         raise ValueError(f"mode must be 'sync', 'async' or 'lazy', not {mode!r}")
+    write_limit = as_rate_limit(max_write_rate)
     comm = Comm()
     if not background.admit(if_busy, comm):
         return background.SaveHandle.skipped_save(str(path))
@@ -266,6 +279,7 @@ def save(
         user_metadata=user_metadata,
         allow_pickle=allow_pickle,
         storage_options=storage_options,
+        write_limit=write_limit,
     )
     if mode == "sync":
         _claim(prepared, comm.rank)
@@ -334,7 +348,7 @@ def _plan(prepared: PreparedSave, comm: Comm) -> _Planned:
 
 def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, Any]:
     with prepared.timer("write"):
-        return _write_files(prepared.storage, comm.rank, planned, prepared.view)
+        return _write_files(prepared, comm.rank, planned)
 
 
 def _commit(

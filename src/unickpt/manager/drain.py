@@ -27,7 +27,7 @@ from unickpt.engine.comm import Comm
 from unickpt.engine.save import mark_inflight
 from unickpt.errors import CorruptCheckpointError, StorageError
 from unickpt.format.manifest import INFLIGHT, MANIFEST, Manifest
-from unickpt.storage import Storage
+from unickpt.storage import RateLimit, Storage, rate_limited
 
 log = logging.getLogger("unickpt")
 
@@ -62,7 +62,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def copy_file(source: Storage, target: Storage, path: str, size: int, buffer: bytearray) -> None:
+def copy_file(
+    source: Storage,
+    target: Storage,
+    path: str,
+    size: int,
+    buffer: bytearray,
+    write_limit: RateLimit | None = None,
+) -> None:
     """Stream ``path`` of ``size`` bytes from ``source`` to ``target`` through ``buffer``."""
     with source.open_reader(path) as reader:
         if reader.size() != size:
@@ -71,7 +78,7 @@ def copy_file(source: Storage, target: Storage, path: str, size: int, buffer: by
                 f"the manifest says {size}"
             )
         view = memoryview(buffer)
-        with target.open_writer(path) as writer:
+        with rate_limited(target.open_writer(path), write_limit) as writer:
             offset = 0
             while offset < size:
                 count = min(len(buffer), size - offset)
@@ -95,9 +102,17 @@ def _owners(files: list[str], seen: list[set[int]], world: int) -> list[int | No
     return owners
 
 
-def drain(comm: Comm, source_root: Storage, target_root: Storage, name: str) -> DrainResult:
+def drain(
+    comm: Comm,
+    source_root: Storage,
+    target_root: Storage,
+    name: str,
+    *,
+    write_limit: RateLimit | None = None,
+) -> DrainResult:
     """Copy the committed checkpoint ``name`` from ``source_root`` to ``target_root`` (a
-    collective over ``comm``). Raises StorageError on every rank if it did not commit."""
+    collective over ``comm``), writing at most as fast as ``write_limit`` allows. Raises
+    StorageError on every rank if it did not commit."""
     started = time.monotonic()
     source, target = source_root.child(name), target_root.child(name)
     where = f"{name} from {source_root.url} to {target_root.url}"
@@ -150,7 +165,7 @@ def drain(comm: Comm, source_root: Storage, target_root: Storage, name: str) -> 
         buffer = bytearray(min(COPY_CHUNK, max((sizes[p] for p in mine), default=0)))
         try:
             for path in mine:
-                copy_file(source, target, path, sizes[path], buffer)
+                copy_file(source, target, path, sizes[path], buffer, write_limit)
                 nbytes += sizes[path]
         except Exception as exc:
             error = f"rank {comm.rank}: {_describe(exc)}"

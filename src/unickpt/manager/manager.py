@@ -38,6 +38,7 @@ from unickpt.layout.sharded import ShardedTensor
 from unickpt.manager import rng
 from unickpt.manager.drain import Drainer, DrainError, drain
 from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers
+from unickpt.storage import as_rate_limit
 
 log = logging.getLogger("unickpt")
 
@@ -79,7 +80,8 @@ class CheckpointManager:
     ``"memory"`` tier is a node-local shared-memory directory (``/dev/shm/unickpt/<run>``, or
     ``"memory:///DIR"``) holding the ``keep_in_memory`` newest checkpoints plus any not yet
     drained; it outlives a crashed trainer on the same node. ``storage_options`` configure the
-    ``s3://`` tiers.
+    ``s3://`` tiers. ``max_write_rate`` caps the bytes per second each process writes for its
+    saves and drains together (see :class:`~unickpt.storage.RateLimit`).
 
     Every rank constructs it with the same arguments and calls it at the same points (SPMD).
     ``every_n_steps`` / ``every_n_seconds`` say when :meth:`maybe_save` saves (the time test is
@@ -105,6 +107,7 @@ class CheckpointManager:
         save_rng: bool = True,
         storage_options: Mapping[str, Any] | None = None,
         keep_in_memory: int = 1,
+        max_write_rate: float | None = None,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError("keep_last must be at least 1 (the newest checkpoint is always kept)")
@@ -122,6 +125,7 @@ class CheckpointManager:
         self.mode: SaveMode = mode
         self.if_busy: BusyPolicy = if_busy
         self.save_rng = save_rng
+        self._write_limit = as_rate_limit(max_write_rate)
         self._comm = Comm()
         # Drains run collectives from a background thread: on the default group they would
         # interleave with training's, so they get a gloo group of their own (created here, a
@@ -181,13 +185,26 @@ class CheckpointManager:
         metadata = {"metrics": dict(metrics or {})}
         target = self.tiers[0].storage.child(name)
         if self.mode == "sync":
-            result = save(target, full, step=step, user_metadata=metadata, if_busy=self.if_busy)
+            result = save(
+                target,
+                full,
+                step=step,
+                user_metadata=metadata,
+                if_busy=self.if_busy,
+                max_write_rate=self._write_limit,
+            )
             self._submit(name, None, source=0)
             if len(self.tiers) == 1:  # nothing to drain: retention is done when this returns
                 self._drainer.wait()
             return result
         handle = save(
-            target, full, mode=self.mode, step=step, user_metadata=metadata, if_busy=self.if_busy
+            target,
+            full,
+            mode=self.mode,
+            step=step,
+            user_metadata=metadata,
+            if_busy=self.if_busy,
+            max_write_rate=self._write_limit,
         )
         if not handle.skipped:
             self._submit(name, handle, source=0)
@@ -278,7 +295,13 @@ class CheckpointManager:
     def _drain(self, source: int, index: int, name: str) -> None:
         target = self.tiers[index]
         try:
-            result = drain(self._drain_comm, self.tiers[source].storage, target.storage, name)
+            result = drain(
+                self._drain_comm,
+                self.tiers[source].storage,
+                target.storage,
+                name,
+                write_limit=self._write_limit,
+            )
         except CheckpointError as exc:
             error = DrainError(name, target.url, str(exc))
             log.error("unickpt: %s", error)

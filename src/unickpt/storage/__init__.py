@@ -6,7 +6,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from unickpt.errors import StorageError
-from unickpt.storage.base import Reader, Storage, Writer, check_relative_path
+from unickpt.storage.base import (
+    RateLimit,
+    Reader,
+    Storage,
+    Writer,
+    as_rate_limit,
+    check_relative_path,
+    rate_limited,
+)
 from unickpt.storage.local import LocalStorage
 from unickpt.storage.memory import MemoryStorage
 from unickpt.storage.s3 import S3Storage
@@ -14,12 +22,15 @@ from unickpt.storage.s3 import S3Storage
 __all__ = [
     "LocalStorage",
     "MemoryStorage",
+    "RateLimit",
     "Reader",
     "S3Storage",
     "Storage",
     "Writer",
+    "as_rate_limit",
     "check_relative_path",
     "open_storage",
+    "rate_limited",
 ]
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import abc
 import builtins
+import math
 import posixpath
+import threading
+import time
 from types import TracebackType
 
 from unickpt.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -62,6 +65,62 @@ class Writer(abc.ABC):
             self.close()
         else:
             self.abort()
+
+
+class RateLimit:
+    """A cap on the bytes per second written through it, shared by every writer of one
+    operation (thread-safe). Each write waits for its turn on a virtual clock that advances by
+    ``nbytes / bytes_per_second``, so the writers together average at most the cap and never
+    burst above it, while a write slower than its turn earns no credit for later ones.
+
+    For background saves this trades time-to-commit for a smaller share of the machine at any
+    moment: the CPU, memory bandwidth and device time a save costs stay the same, but they are
+    spread over more of the training steps it overlaps (see bench/README.md).
+    """
+
+    def __init__(self, bytes_per_second: float) -> None:
+        if not (isinstance(bytes_per_second, (int, float)) and math.isfinite(bytes_per_second)):
+            raise ValueError(f"a write rate must be a finite number, not {bytes_per_second!r}")
+        if bytes_per_second <= 0:
+            raise ValueError(f"a write rate must be positive, not {bytes_per_second!r} bytes/s")
+        self.bytes_per_second = float(bytes_per_second)
+        self._lock = threading.Lock()
+        self._next_turn = 0.0  # time.monotonic() at which the next write may start
+
+    def acquire(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more may be written."""
+        with self._lock:
+            now = time.monotonic()
+            turn = max(now, self._next_turn)
+            self._next_turn = turn + nbytes / self.bytes_per_second
+        if turn > now:
+            time.sleep(turn - now)
+
+
+class _RateLimitedWriter(Writer):
+    def __init__(self, inner: Writer, limit: RateLimit) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._limit.acquire(memoryview(data).nbytes)
+        self._inner.write(data)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+def as_rate_limit(rate: float | RateLimit | None) -> RateLimit | None:
+    """A limit of ``rate`` bytes per second (a given :class:`RateLimit` is shared as is)."""
+    return rate if rate is None or isinstance(rate, RateLimit) else RateLimit(rate)
+
+
+def rate_limited(writer: Writer, limit: RateLimit | None) -> Writer:
+    """``writer``, its writes held to ``limit`` when there is one."""
+    return writer if limit is None else _RateLimitedWriter(writer, limit)
 
 
 class Reader(abc.ABC):
