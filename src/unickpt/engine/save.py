@@ -261,9 +261,8 @@ def save(
     waits for it or is skipped (every rank makes the same choice; it is logged).
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
     ``max_write_rate`` caps the bytes per second this process writes for the save (pass one
-    :class:`~unickpt.storage.RateLimit` to several operations to cap them together): a
-    background save then commits later but takes a smaller share of the machine from the
-    training steps it overlaps.
+    :class:`~unickpt.storage.RateLimit` to several operations to cap them together), for
+    storage or networks shared with other traffic; the save commits later for it.
     """
     if mode not in ("sync", "async", "lazy"):
         raise ValueError(f"mode must be 'sync', 'async' or 'lazy', not {mode!r}")

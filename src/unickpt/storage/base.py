@@ -68,14 +68,14 @@ class Writer(abc.ABC):
 
 
 class RateLimit:
-    """A cap on the bytes per second written through it, shared by every writer of one
-    operation (thread-safe). Each write waits for its turn on a virtual clock that advances by
-    ``nbytes / bytes_per_second``, so the writers together average at most the cap and never
-    burst above it, while a write slower than its turn earns no credit for later ones.
+    """A cap on the bytes per second written through it, shared by all the writers it is given
+    to (thread-safe): one save's streams, or a manager's saves and drains. Each write waits for
+    its turn on a virtual clock that advances by ``nbytes / bytes_per_second``, so the writers
+    together average at most the cap and never burst above it, while a write slower than its
+    turn earns no credit for later ones.
 
-    For background saves this trades time-to-commit for a smaller share of the machine at any
-    moment: the CPU, memory bandwidth and device time a save costs stay the same, but they are
-    spread over more of the training steps it overlaps (see bench/README.md).
+    Meant for storage or networks shared with other traffic: a capped save commits later and
+    costs the training loop no less (measured in bench/README.md, ``async_save.py``).
     """
 
     def __init__(self, bytes_per_second: float) -> None:
