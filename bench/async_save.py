@@ -9,7 +9,9 @@ baseline before and after. Per method it measures:
   the previous save, plus the wait before the next optimizer step: ``unickpt.before_update()``
   for lazy, DCP's staging future for async staging);
 * foreground speed: baseline median compute time (forward + backward + optimizer step) over the
-  median compute time of the steps that overlapped a background save;
+  median compute time of the steps that overlapped a background save, also split into the
+  step right after the save call (it overlaps the staging copy of lazy saves and DCP's async
+  stager) and the later overlapped steps (writes only);
 * end-to-end throughput: bytes / (save call -> durable completion), against the disk's own
   fdatasync write bandwidth measured in the same run;
 * training time lost per checkpoint: the method's step wall times over the baseline compute
@@ -373,6 +375,7 @@ class Run:
     compute_s: list[float] = field(default_factory=list)  # per step, blocked time excluded
     step_s: list[float] = field(default_factory=list)  # per step, wall
     overlapped: list[bool] = field(default_factory=list)
+    staging: list[bool] = field(default_factory=list)  # the first step after a save call
     ckpts: list[Ckpt] = field(default_factory=list)
     rss_before: int = 0
     rss_peak: int = 0
@@ -436,6 +439,8 @@ def train(
     run.others_cpu_s = (all_now - all_cpu) - run.own_cpu_s
     busy = [(c.t_call, c.t_done or c.t_call) for c in run.ckpts if method and method.background]
     run.overlapped = [any(s < b and a < e for s, e in busy) for a, b in intervals]
+    calls = {c.step for c in run.ckpts if method and method.background}
+    run.staging = [step in calls for step in range(len(intervals))]  # step k+1 is index k
     return run
 
 
@@ -463,6 +468,11 @@ def summarize_run(
     ok = [c for c in run.ckpts if c.error is None and c.t_done is not None]
     stalls = [c.stall_s for c in run.ckpts]
     over = [s for s, o in zip(run.compute_s, run.overlapped, strict=True) if o]
+    # The step right after the save call overlaps the staging copy (lazy; DCP's async stager)
+    # as well as the first writes; later overlapped steps only overlap writes.
+    steps = list(zip(run.compute_s, run.overlapped, run.staging, strict=True))
+    staging = _median([s for s, o, first in steps if o and first])
+    later = _median([s for s, o, first in steps if o and not first])
     e2e = [c.bytes / (c.t_done - c.t_call) / GB for c in ok if c.t_done]
     lib = [c.bytes / c.lib_seconds / GB for c in ok if c.lib_seconds]
     rss_after = [c.rss_after for c in ok if c.rss_after is not None]
@@ -484,6 +494,8 @@ def summarize_run(
         "overlapped_steps": len(over),
         "compute_overlapped_median_s": over_median,
         "speed_during_save": base_compute / over_median if over_median else None,
+        "speed_staging_step": base_compute / staging if staging else None,
+        "speed_later_steps": base_compute / later if later else None,
         "speed_vs_run_idle": idle_median / over_median if over_median and idle_median else None,
         "e2e_gbps_median": _median(e2e),
         "lib_gbps_median": _median(lib),
@@ -517,10 +529,11 @@ def markdown(result: dict[str, Any]) -> str:
         "its starting RSS.",
         "",
         "| method | stall median s | first | max | in call / before step s | "
-        "speed during bg save | same-run idle/overlapped | e2e GB/s | vs disk | lib GB/s | "
+        "speed during bg save | staging step / later | same-run idle/overlapped | "
+        "e2e GB/s | vs disk | lib GB/s | "
         "lost s/save | extra RSS peak GB (x state) | net of loop (x state) | "
         "RSS after saves GB | other procs, cores | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, r in s["methods"].items():
         after = " ".join(f"{b / GB:.2f}" for b in r["rss_after_saves_over_before"])
@@ -530,6 +543,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {_fmt(r['stall_median_s'], '.3f')} | {_fmt(r['stall_first_s'], '.2f')} "
             f"| {_fmt(r['stall_max_s'], '.2f')} | {_fmt(r['call_median_s'], '.3f')} / "
             f"{_fmt(r['pre_step_median_s'], '.3f')} | {speed} "
+            f"| {_fmt(r['speed_staging_step'], '.2f', 'x')} / "
+            f"{_fmt(r['speed_later_steps'], '.2f', 'x')} "
             f"| {_fmt(r['speed_vs_run_idle'], '.2f', 'x')} "
             f"| {_fmt(r['e2e_gbps_median'])} | {_fmt(vs_disk, '.2f', 'x')} "
             f"| {_fmt(r['lib_gbps_median'])} | {_fmt(r['lost_per_save_s'])} "
