@@ -437,9 +437,10 @@ def train(
     all_now, own_now = cpu_seconds()
     run.own_cpu_s = own_now - own_cpu
     run.others_cpu_s = (all_now - all_cpu) - run.own_cpu_s
-    busy = [(c.t_call, c.t_done or c.t_call) for c in run.ckpts if method and method.background]
+    in_background = [c for c in run.ckpts if method and method.background]
+    busy = [(c.t_call, c.t_done or c.t_call) for c in in_background]
     run.overlapped = [any(s < b and a < e for s, e in busy) for a, b in intervals]
-    calls = {c.step for c in run.ckpts if method and method.background}
+    calls = {c.step for c in in_background}
     run.staging = [step in calls for step in range(len(intervals))]  # step k+1 is index k
     return run
 
