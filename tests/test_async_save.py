@@ -304,3 +304,87 @@ def test_max_write_rate_spreads_the_write_not_the_copy(ckpt_root: str, mode: str
     target = {"w": torch.zeros(8 << 20)}
     unickpt.load(f"{ckpt_root}/capped", target)
     assert torch.equal(target["w"], expected)
+
+
+def _count_pool_allocations() -> list[int]:
+    """Sizes of the staging buffers allocated from now on (a fresh pool)."""
+    allocations: list[int] = []
+    allocate = background._aligned_buffer
+
+    def counted(nbytes: int) -> torch.Tensor:
+        allocations.append(nbytes)
+        return allocate(nbytes)
+
+    background.POOL = background.StagingPool()
+    background._aligned_buffer = counted  # type: ignore[assignment]
+    return allocations
+
+
+def _reserve_then_save(rank: int, world_size: int, root: str) -> tuple[list[int], list[int], int]:
+    # A rank whose state cannot be saved fails every rank's reservation, with its reason, and
+    # nobody is left blocked in a collective.
+    bad = {"w": torch.ones(4), "o": object() if rank == 1 else 0}
+    with pytest.raises(unickpt.InvalidStateError if rank == 1 else unickpt.CheckpointError) as e:
+        unickpt.reserve_staging(bad).wait()
+    assert "'o'" in str(e.value) and (rank == 1 or "rank 1 failed" in str(e.value))
+    allocations = _count_pool_allocations()
+    # Replicated tensors (as under DDP): the pool's size depends on the global plan.
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3 << 20), "b": torch.randn(1 << 20), "c": torch.arange(10)}
+    reservation = unickpt.reserve_staging(state)
+    # Started at once: the save's collectives must wait for the reservation's, on every rank.
+    handle = unickpt.save(f"{root}/first", state, mode="lazy")
+    unickpt.before_update()
+    for tensor in state.values():
+        tensor.add_(1)
+    result = handle.wait()
+    assert reservation.wait() is None and result is not None and result.plan_cache_hit
+    # A new layout, reserved ahead: its first save neither plans nor allocates.
+    grown = {**state, "d": torch.ones(1 << 20)}
+    assert unickpt.reserve_staging(grown).wait() is None
+    reserved = list(allocations)
+    again = unickpt.save(f"{root}/grown", grown, mode="lazy").wait()
+    assert again is not None and again.plan_cache_hit
+    return reserved, allocations, background.POOL.nbytes
+
+
+def test_reserved_staging_is_what_the_first_save_uses(ckpt_root: str) -> None:
+    results = run_distributed(2, _reserve_then_save, ckpt_root)
+    for reserved, allocations, _ in results:
+        assert reserved == allocations, "the save allocated staging memory again"
+    torch.manual_seed(0)
+    expected = {"a": torch.randn(3 << 20), "b": torch.randn(1 << 20), "c": torch.arange(10)}
+    # each replicated tensor is staged once, by the rank that writes it
+    grown_bytes = sum(t.nbytes for t in expected.values()) + (4 << 20)
+    assert grown_bytes <= sum(pool for _, _, pool in results) < grown_bytes + 4096
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    unickpt.load(f"{ckpt_root}/first", target)
+    assert all(torch.equal(target[k], v) for k, v in expected.items())
+
+
+def test_reservation_takes_filling_the_pool_off_the_first_save(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allocate = background._aligned_buffer
+
+    def slow(nbytes: int) -> torch.Tensor:  # as on hosts where fresh memory faults in slowly
+        time.sleep(1.0)
+        return allocate(nbytes)
+
+    monkeypatch.setattr(background, "_aligned_buffer", slow)
+
+    def first_save_stall(name: str) -> float:
+        start = time.perf_counter()
+        handle = unickpt.save(f"{ckpt_root}/{name}", state, mode="lazy")
+        unickpt.before_update()
+        stall = time.perf_counter() - start
+        assert handle.wait() is not None
+        return stall
+
+    state = {"w": torch.randn(1 << 20)}
+    monkeypatch.setattr(background, "POOL", background.StagingPool())
+    unreserved = first_save_stall("unreserved")
+    monkeypatch.setattr(background, "POOL", background.StagingPool())
+    assert unickpt.reserve_staging(state).wait() is None  # at setup, or beside early steps
+    reserved = first_save_stall("reserved")
+    assert unreserved >= 1.0 > 0.5 > reserved, (unreserved, reserved)

@@ -14,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 import unickpt
 from unickpt import CheckpointManager
+from unickpt.engine import background
 
 from dist_harness import run_distributed
 
@@ -165,3 +166,36 @@ def test_max_write_rate_caps_saves_and_drains_together(ckpt_root: str) -> None:
     target = {"w": torch.zeros(6 << 20)}
     unickpt.load(os.path.join(slow, CheckpointManager.name_for(1)), target)
     assert torch.equal(target["w"], state["w"])
+
+
+@pytest.mark.parametrize("mode", ["lazy", "sync"])
+def test_manager_fills_the_staging_pool_before_its_first_save(
+    ckpt_root: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allocations: list[int] = []
+    allocate = background._aligned_buffer
+
+    def counted(nbytes: int) -> torch.Tensor:
+        allocations.append(nbytes)
+        return allocate(nbytes)
+
+    monkeypatch.setattr(background, "_aligned_buffer", counted)
+    monkeypatch.setattr(background, "POOL", background.StagingPool())
+    manager = CheckpointManager(ckpt_root, every_n_steps=3, mode=mode)  # type: ignore[arg-type]
+    state = _state()
+    results = []
+    for step in range(1, 8):
+        _train_step(state, step)
+        outcome = manager.maybe_save(step, state)
+        if step == 1:  # not a save step: a background save would reserve its staging memory
+            assert outcome is None
+            manager.wait()
+            reserved = list(allocations)
+            assert (background.POOL.nbytes > 0) == (mode == "lazy") == bool(reserved)
+        elif outcome is not None:
+            results.append(outcome if isinstance(outcome, unickpt.SaveResult) else outcome.wait())
+    manager.close()
+    assert allocations == reserved, "a save allocated staging memory again"
+    assert [r.step for r in results] == [3, 6]
+    assert results[0].plan_cache_hit or mode == "sync"  # planned by the reservation
+    assert background.POOL.nbytes == 0

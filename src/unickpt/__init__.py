@@ -13,6 +13,7 @@ from unickpt.engine import (
     before_update,
     load,
     release_staging_memory,
+    reserve_staging,
     save,
 )
 from unickpt.errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "inspect",
     "load",
     "release_staging_memory",
+    "reserve_staging",
     "save",
     "verify",
 ]

@@ -3,7 +3,7 @@
 from unickpt.engine.background import SaveHandle, before_update, release_staging_memory
 from unickpt.engine.load import LoadResult, load
 from unickpt.engine.result import SaveResult
-from unickpt.engine.save import save
+from unickpt.engine.save import reserve_staging, save
 
 __all__ = [
     "LoadResult",
@@ -12,5 +12,6 @@ __all__ = [
     "before_update",
     "load",
     "release_staging_memory",
+    "reserve_staging",
     "save",
 ]

@@ -126,6 +126,7 @@ _lock = threading.Lock()
 _in_flight: SaveHandle | None = None
 _lazy_pending: SaveHandle | None = None
 _hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_tail: threading.Thread | None = None  # the newest background job (save or reservation)
 _group: tuple[object, dist.ProcessGroup] | None = None
 
 
@@ -173,12 +174,53 @@ def admit(policy: BusyPolicy, comm: Comm) -> bool:
 
 
 def release_staging_memory() -> None:
-    """Wait for the save in flight, then free the staging pool's host memory."""
-    with _lock:
-        pending = _in_flight
-    if pending is not None:
-        pending._done.wait()
+    """Wait for the save in flight (and any reservation), then free the staging pool's host
+    memory."""
+    _join_tail()
     POOL.clear()
+
+
+def _join_tail() -> None:
+    with _lock:
+        previous = _tail
+    if previous is not None:
+        previous.join()
+
+
+def _spawn(job: Callable[[], None]) -> None:
+    """Run ``job`` on a new background thread once the previous job's thread has ended: jobs
+    run collectives on the checkpoint group, so they must run one at a time, in the order
+    every rank started them."""
+    global _tail
+
+    def run() -> None:
+        if previous is not None:
+            previous.join()
+        job()
+
+    with _lock:
+        previous = _tail
+        _tail = threading.Thread(target=run, name="unickpt-save", daemon=False)
+        _tail.start()
+
+
+def reserve(job: Callable[[], None]) -> SaveHandle:
+    """Run ``job`` (a collective that plans a save and fills :data:`POOL`) in the background,
+    after the jobs already started; unlike a save, it is never in flight for :func:`admit`."""
+    _ensure_group()
+    handle = SaveHandle("staging pool")
+
+    def run() -> None:
+        try:
+            job()
+        except BaseException as exc:
+            log.warning("unickpt: could not prepare the staging pool: %s", exc)
+            handle._finish(None, exc)
+        else:
+            handle._finish(None, None)
+
+    _spawn(run)
+    return handle
 
 
 def before_update() -> None:
@@ -213,6 +255,7 @@ def start(
     _ensure_group()
     handle = SaveHandle(path)
     if not lazy:
+        _join_tail()  # a reservation may still be filling the pool
         try:
             stage()
         except BaseException as exc:
@@ -238,5 +281,5 @@ def start(
         _in_flight = handle
         if lazy:
             _lazy_pending = handle
-    threading.Thread(target=run, name="unickpt-save", daemon=False).start()
+    _spawn(run)
     return handle

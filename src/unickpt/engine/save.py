@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import pickle
 import socket
@@ -48,6 +49,7 @@ from unickpt.storage import RateLimit, Storage, as_rate_limit, open_storage, rat
 from unickpt.telemetry import PhaseTimer
 
 _PLANS = PlanCache()
+log = logging.getLogger("unickpt")
 
 
 @dataclass
@@ -117,37 +119,22 @@ def _writer_layout(view: SaveView, world_size: int) -> dict[str, Any]:
 
 
 @dataclass
-class PreparedSave:
-    """The caller-side half of a save: the flattened state and what the peers must be told.
+class _Collected:
+    """The flattened local state and what the peers must be told about it.
 
-    Preparing never raises: a local error is carried to the first collective, so that every
+    Collecting never raises: a local error is carried to the first collective, so that every
     rank learns of it and raises together instead of leaving peers blocked.
     """
 
-    storage: Storage
     view: SaveView
     metas: list[ShardMeta]
     digest: str
     error: Exception | None
-    step: int | None
-    user_metadata: dict[str, Any] | None
     timer: PhaseTimer
-    write_limit: RateLimit | None
 
 
-def prepare_save(
-    path: str | Storage,
-    state: dict[str, Any],
-    *,
-    rank: int,
-    step: int | None,
-    user_metadata: dict[str, Any] | None,
-    allow_pickle: bool,
-    storage_options: Mapping[str, Any] | None = None,
-    write_limit: RateLimit | None = None,
-) -> PreparedSave:
+def _collect(state: dict[str, Any], *, rank: int, allow_pickle: bool) -> _Collected:
     timer = PhaseTimer()
-    storage = open_storage(path, storage_options)
     error: Exception | None = None
     view = SaveView()
     metas: list[ShardMeta] = []
@@ -165,8 +152,38 @@ def prepare_save(
             digest = layout_digest(metas)
         except Exception as exc:
             error = exc
+    return _Collected(view, metas, digest, error, timer)
+
+
+@dataclass
+class PreparedSave(_Collected):
+    """The caller-side half of a save: the collected state and where and how it goes."""
+
+    storage: Storage
+    step: int | None
+    user_metadata: dict[str, Any] | None
+    write_limit: RateLimit | None
+
+
+def prepare_save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    rank: int,
+    step: int | None,
+    user_metadata: dict[str, Any] | None,
+    allow_pickle: bool,
+    storage_options: Mapping[str, Any] | None = None,
+    write_limit: RateLimit | None = None,
+) -> PreparedSave:
+    storage = open_storage(path, storage_options)
+    collected = _collect(state, rank=rank, allow_pickle=allow_pickle)
     return PreparedSave(
-        storage, view, metas, digest, error, step, user_metadata, timer, write_limit
+        **vars(collected),
+        storage=storage,
+        step=step,
+        user_metadata=user_metadata,
+        write_limit=write_limit,
     )
 
 
@@ -307,6 +324,33 @@ def save(
     return background.start(prepared.storage.url, stage, finish, lazy=mode == "lazy", state=state)
 
 
+def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> background.SaveHandle:
+    """Get ready for background saves of ``state`` without saving it: plan the save and fill
+    the staging pool for it, in the background. The first async or lazy save of the same
+    layout then neither plans nor waits for host memory to be allocated and faulted in.
+
+    A collective: every rank calls it at the same point, as for :func:`save`. It runs after
+    the save in flight, and saves started meanwhile wait for it in the background (a lazy save
+    blocks the caller only if the copy is still not done at the optimizer step). The returned
+    handle's ``wait()`` returns None once the pool is filled; a failure is logged and raised
+    there, and the next save reports the same cause as it would have anyway.
+    """
+    comm = Comm()
+    collected = _collect(state, rank=comm.rank, allow_pickle=allow_pickle)
+
+    def reserve() -> None:
+        planned = _plan(collected, background.checkpoint_comm())
+        with collected.timer("reserve"):
+            background.POOL.images([f.data_bytes for f in planned.layouts])
+        log.info(
+            "unickpt: staging pool ready: %.1f MiB in %.2fs",
+            background.POOL.nbytes / 2**20,
+            collected.timer.total,
+        )
+
+    return background.reserve(reserve)
+
+
 def mark_inflight(storage: Storage) -> None:
     """Create the checkpoint directory and its in-flight marker (docs/FORMAT.md §6)."""
     storage.ensure_root()
@@ -318,7 +362,7 @@ def mark_inflight(storage: Storage) -> None:
     storage.put_atomic(INFLIGHT, json.dumps(marker).encode())
 
 
-def _plan(prepared: PreparedSave, comm: Comm) -> _Planned:
+def _plan(prepared: _Collected, comm: Comm) -> _Planned:
     """The first collective (layout digests, the save id, every rank's local error), then the
     plan: cached while the global layout stays the same, else built from every rank's shards."""
     with prepared.timer("plan"):

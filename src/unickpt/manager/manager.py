@@ -25,7 +25,7 @@ from unickpt.engine.background import (
 from unickpt.engine.comm import Comm
 from unickpt.engine.load import load
 from unickpt.engine.result import SaveResult
-from unickpt.engine.save import SaveMode, save
+from unickpt.engine.save import SaveMode, reserve_staging, save
 from unickpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -141,6 +141,8 @@ class CheckpointManager:
         self._reported = 0
         self._last_save = time.monotonic()
         self._infos: dict[tuple[int, str], CheckpointInfo] = {}
+        self._pool_planned = False  # whether a save or a reservation has sized the pool
+        self._reservation: SaveHandle | None = None
 
     @property
     def drain_errors(self) -> builtins.list[DrainError]:
@@ -174,14 +176,17 @@ class CheckpointManager:
         """Save ``state`` as step ``step`` to the fastest tier if the schedule (or ``force``)
         says so; draining to the slower tiers follows in the background."""
         if not (force or self._due(step)):
+            if self.mode != "sync" and not self._pool_planned:
+                # Plan and fill the staging pool in the background now, so that the first
+                # save neither allocates nor faults in host memory (seconds per GiB on some
+                # hosts) while the caller waits for its copy.
+                self._reservation = reserve_staging(self._with_rng(state))
+                self._pool_planned = True
             return None
+        self._pool_planned = True
         self._last_save = time.monotonic()
         name = self.name_for(step)
-        full = dict(state)
-        if self.save_rng:
-            row = rng.capture()
-            world, rank = self._comm.world_size, self._comm.rank
-            full[RNG_KEY] = ShardedTensor(row[None], (world, row.numel()), (rank, 0))
+        full = self._with_rng(state)
         metadata = {"metrics": dict(metrics or {})}
         target = self.tiers[0].storage.child(name)
         if self.mode == "sync":
@@ -210,6 +215,14 @@ class CheckpointManager:
             self._submit(name, handle, source=0)
         return handle
 
+    def _with_rng(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` plus this rank's RNG states (one row of a tensor sharded over ranks)."""
+        if not self.save_rng:
+            return state
+        row = rng.capture()
+        world, rank = self._comm.world_size, self._comm.rank
+        return {**state, RNG_KEY: ShardedTensor(row[None], (world, row.numel()), (rank, 0))}
+
     def before_update(self) -> None:
         """Block until the pending lazy save has copied the state (for custom update loops)."""
         before_update()
@@ -221,6 +234,9 @@ class CheckpointManager:
         call (the checkpoint stays on the faster tiers; :attr:`drain_errors` keeps them all).
         A failed save is logged, as before.
         """
+        if self._reservation is not None:
+            with contextlib.suppress(Exception):  # logged where it failed, like a failed save
+                self._reservation.wait()
         self._drainer.wait()
         with self._lock:
             new, self._reported = self._errors[self._reported :], len(self._errors)
@@ -237,6 +253,7 @@ class CheckpointManager:
             self.wait()
         finally:
             release_staging_memory()
+            self._pool_planned, self._reservation = False, None
             if self._group is not None:
                 dist.destroy_process_group(self._group)
                 self._group = None
