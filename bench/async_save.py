@@ -21,6 +21,10 @@ baseline before and after. Per method it measures:
   of the no-checkpoint loop's own peak over its start, and the RSS after each save completed;
 * noise: CPU time other processes used while the method ran (from /proc/stat), in cores.
 
+unickpt's background methods reserve their staging memory (``unickpt.reserve_staging``) in the
+background after the first step, as ``CheckpointManager`` does at its first call; the
+``unreserved`` variants (not run by default) leave it to the first save.
+
 Medians go to stdout as markdown and, with every sample, to bench/results/async_save-<ts>.json
 (and .md). See bench/README.md.
 """
@@ -213,6 +217,9 @@ class Method:
     def save(self, path: Path, ckpt: Ckpt, state: State) -> None:
         raise NotImplementedError
 
+    def prepare(self, state: State) -> None:
+        """Called once, after the first step and before the first save."""
+
     def before_step(self) -> None:
         """Block until the state may be mutated again (nothing to wait for by default)."""
 
@@ -258,6 +265,7 @@ class UnickptMethod(Method):
         rss: RssSampler,
         mode: Literal["sync", "async", "lazy"],
         max_write_rate: float | None = None,
+        reserve: bool = True,
     ) -> None:
         super().__init__(rss)
         self.mode = mode
@@ -266,7 +274,14 @@ class UnickptMethod(Method):
         if max_write_rate is not None:
             self.name += f", {max_write_rate / GB:.1f} GB/s cap"
         self.background = mode != "sync"
+        self.reserve = reserve and self.background
+        if self.background and not reserve:
+            self.name += ", unreserved"
         background.POOL = background.StagingPool()  # each mode pays for its own staging buffers
+
+    def prepare(self, state: State) -> None:
+        if self.reserve:  # in the background, as CheckpointManager does at its first call
+            unickpt.reserve_staging(state)
 
     def save(self, path: Path, ckpt: Ckpt, state: State) -> None:
         if self.mode == "sync":
@@ -414,6 +429,8 @@ def train(
             t3 = time.perf_counter()
             run.compute_s.append(t3 - t0 - blocked)
             intervals.append((t0, t3))
+            if method is not None and step == 1:
+                method.prepare(trainer.state)
             if method is not None and step % every == 0:
                 pending = Ckpt(step, time.perf_counter())
                 method.save(work / f"step{step:05d}", pending, trainer.state)
@@ -623,7 +640,9 @@ def checks(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 METHODS: dict[str, Callable[[RssSampler], Method]] = {
     "unickpt lazy": lambda rss: UnickptMethod(rss, "lazy"),
     "unickpt lazy capped": lambda rss: UnickptMethod(rss, "lazy", max_write_rate=CAPPED_RATE),
+    "unickpt lazy unreserved": lambda rss: UnickptMethod(rss, "lazy", reserve=False),
     "unickpt async": lambda rss: UnickptMethod(rss, "async"),
+    "unickpt async unreserved": lambda rss: UnickptMethod(rss, "async", reserve=False),
     "unickpt sync": lambda rss: UnickptMethod(rss, "sync"),
     "dcp-staged": DcpAsyncStaged,
     "dcp-default": DcpAsyncDefault,
@@ -640,7 +659,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=4, help="checkpoint every N steps")
     parser.add_argument(
         "--methods",
-        default=",".join(METHODS),
+        default=",".join(m for m in METHODS if "unreserved" not in m),
         help=f"comma-separated subset of: {', '.join(METHODS)}",
     )
     parser.add_argument(
