@@ -537,8 +537,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"async_save {result['timestamp']}: {result['model']['params'] / 1e6:.0f}M params + Adam "
         f"= {gb:.2f} GB state, {result['args']['steps']} steps, checkpoint every "
-        f"{result['args']['every']}; {m['cores']} cores, torch {m['torch']}; load avg "
-        f"{m['loadavg_1m_at_start']:.2f} -> {m['loadavg_1m_at_end']:.2f}",
+        f"{result['args']['every']}; {m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"torch {m['torch']}; load avg {m['loadavg_1m_at_start']:.2f} -> "
+        f"{m['loadavg_1m_at_end']:.2f}",
         "",
         f"Baseline compute step (no checkpoint): {s['baseline_compute_s']:.3f} s median. "
         f"Disk write (fdatasync), best of 1/2 streams at start/end: {s['disk_gbps']:.2f} GB/s "
@@ -663,6 +664,13 @@ def main() -> None:
         help=f"comma-separated subset of: {', '.join(METHODS)}",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for training (default: torch's, every core); fewer leaves cores "
+        "free, as on a GPU host where the training loop's CPU threads mostly wait",
+    )
+    parser.add_argument(
         "--dir",
         type=Path,
         default=RESULTS_DIR / "tmp",
@@ -674,6 +682,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"async_save-{stamp}-", dir=args.dir))
