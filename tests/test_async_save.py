@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 import torch
+from pool_probe import count_pool_allocations
 from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -306,20 +307,6 @@ def test_max_write_rate_spreads_the_write_not_the_copy(ckpt_root: str, mode: str
     assert torch.equal(target["w"], expected)
 
 
-def _count_pool_allocations() -> list[int]:
-    """Sizes of the staging buffers allocated from now on (a fresh pool)."""
-    allocations: list[int] = []
-    allocate = background._aligned_buffer
-
-    def counted(nbytes: int) -> torch.Tensor:
-        allocations.append(nbytes)
-        return allocate(nbytes)
-
-    background.POOL = background.StagingPool()
-    background._aligned_buffer = counted  # type: ignore[assignment]
-    return allocations
-
-
 def _reserve_then_save(rank: int, world_size: int, root: str) -> tuple[list[int], list[int], int]:
     # A rank whose state cannot be saved fails every rank's reservation, with its reason, and
     # nobody is left blocked in a collective.
@@ -327,7 +314,7 @@ def _reserve_then_save(rank: int, world_size: int, root: str) -> tuple[list[int]
     with pytest.raises(unickpt.InvalidStateError if rank == 1 else unickpt.CheckpointError) as e:
         unickpt.reserve_staging(bad).wait()
     assert "'o'" in str(e.value) and (rank == 1 or "rank 1 failed" in str(e.value))
-    allocations = _count_pool_allocations()
+    allocations = count_pool_allocations()
     # Replicated tensors (as under DDP): the pool's size depends on the global plan.
     torch.manual_seed(0)
     state = {"a": torch.randn(3 << 20), "b": torch.randn(1 << 20), "c": torch.arange(10)}

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from pool_probe import count_pool_allocations
 from torch.distributed.fsdp import fully_shard
 
 import unickpt
@@ -172,15 +173,7 @@ def test_max_write_rate_caps_saves_and_drains_together(ckpt_root: str) -> None:
 def test_manager_fills_the_staging_pool_before_its_first_save(
     ckpt_root: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    allocations: list[int] = []
-    allocate = background._aligned_buffer
-
-    def counted(nbytes: int) -> torch.Tensor:
-        allocations.append(nbytes)
-        return allocate(nbytes)
-
-    monkeypatch.setattr(background, "_aligned_buffer", counted)
-    monkeypatch.setattr(background, "POOL", background.StagingPool())
+    allocations = count_pool_allocations(monkeypatch.setattr)
     manager = CheckpointManager(ckpt_root, every_n_steps=3, mode=mode)  # type: ignore[arg-type]
     state = _state()
     results = []
