@@ -527,6 +527,7 @@ def summarize_run(
         "rss_growth_2nd_to_last_bytes": growth,
         "rss_end_over_before": run.rss_end - run.rss_before,
         "pool_bytes": run.pool_bytes,
+        "pool_vs_state": run.pool_bytes / nbytes if run.pool_bytes is not None else None,
         "drain_s": run.drain_s,
     }
 
@@ -625,6 +626,13 @@ def checks(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             f">= {TARGETS['throughput_vs_dcp']}",
             TARGETS["throughput_vs_dcp"],
             True,
+        )
+        add(  # exact: what the library keeps, free of the RSS sampler's noise
+            f"{name}: staging pool / state",
+            r.get("pool_vs_state"),
+            f"<= {TARGETS['rss_vs_state']}",
+            TARGETS["rss_vs_state"],
+            False,
         )
         add(
             f"{name}: extra peak RSS over the no-checkpoint loop / state",
