@@ -28,7 +28,11 @@ from dist_harness import run_distributed
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 33), torch.nn.LayerNorm(33)
+        torch.nn.Linear(64, 96),
+        torch.nn.BatchNorm1d(96),  # its running statistics change in forward, not in the step
+        torch.nn.Tanh(),
+        torch.nn.Linear(96, 33),
+        torch.nn.LayerNorm(33),
     )
 
 
@@ -285,6 +289,27 @@ def test_lazy_save_call_does_no_storage_io(ckpt_root: str) -> None:
     target = {"w": torch.zeros(256, 256)}
     unickpt.load(storage.root, target)
     assert torch.equal(target["w"], expected)
+
+
+def test_lazy_save_keeps_buffers_as_of_the_call(ckpt_root: str) -> None:
+    model = _model()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optim, 0)
+    expected = _snapshot(model, optim)
+    storage = _GatedLocal(f"{ckpt_root}/gated")  # holds the background copy back
+    handle = unickpt.save(storage, {"model": model, "optim": optim}, mode="lazy")
+    model(torch.randn(16, 64)).square().mean().backward()  # updates the running statistics
+    assert not torch.equal(model[1].running_mean, expected["model.1.running_mean"])
+    storage.gate.set()
+    optim.step()  # waits for the copy
+    assert handle.wait() is not None
+    target = _model(seed=5)
+    target_optim = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    unickpt.load(storage.root, {"model": target, "optim": target_optim})
+    loaded = _snapshot(target, target_optim)
+    for key in ("model.1.running_mean", "model.1.running_var", "model.1.num_batches_tracked"):
+        assert torch.equal(loaded[key], expected[key]), f"{key} is not as of the call"
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("mode", ["sync", "lazy"])

@@ -133,7 +133,9 @@ class _Collected:
     timer: PhaseTimer
 
 
-def _collect(state: dict[str, Any], *, rank: int, allow_pickle: bool) -> _Collected:
+def _collect(
+    state: dict[str, Any], *, rank: int, allow_pickle: bool, snapshot_buffers: bool = False
+) -> _Collected:
     timer = PhaseTimer()
     error: Exception | None = None
     view = SaveView()
@@ -142,7 +144,9 @@ def _collect(state: dict[str, Any], *, rank: int, allow_pickle: bool) -> _Collec
     with timer("collect"):
         try:
             with torch.no_grad():
-                view = collect_for_save(state, allow_pickle=allow_pickle)
+                view = collect_for_save(
+                    state, allow_pickle=allow_pickle, snapshot_buffers=snapshot_buffers
+                )
             if rank == 0:
                 _add_opaque(view)
             metas = [
@@ -175,9 +179,12 @@ def prepare_save(
     allow_pickle: bool,
     storage_options: Mapping[str, Any] | None = None,
     write_limit: RateLimit | None = None,
+    snapshot_buffers: bool = False,
 ) -> PreparedSave:
     storage = open_storage(path, storage_options)
-    collected = _collect(state, rank=rank, allow_pickle=allow_pickle)
+    collected = _collect(
+        state, rank=rank, allow_pickle=allow_pickle, snapshot_buffers=snapshot_buffers
+    )
     return PreparedSave(
         **vars(collected),
         storage=storage,
@@ -274,8 +281,10 @@ def save(
     go on in the background. ``"lazy"`` returns at once and makes that copy in the background
     too, overlapping the caller's next forward/backward; optimizers in ``state`` get a step
     pre-hook that blocks until the copy is done (call :func:`before_update` before any other
-    in-place update). One save is in flight per process: ``if_busy`` says whether a new one
-    waits for it or is skipped (every rank makes the same choice; it is logged).
+    in-place update). The buffers of modules in ``state``, which forward passes may update
+    (BatchNorm's running statistics), are copied at the call instead. One save is in flight
+    per process: ``if_busy`` says whether a new one waits for it or is skipped (every rank
+    makes the same choice; it is logged).
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
     ``max_write_rate`` caps the bytes per second this process writes for the save (pass one
     :class:`~unickpt.storage.RateLimit` to several operations to cap them together), for
@@ -296,6 +305,7 @@ def save(
         allow_pickle=allow_pickle,
         storage_options=storage_options,
         write_limit=write_limit,
+        snapshot_buffers=mode == "lazy",
     )
     if mode == "sync":
         _claim(prepared, comm.rank)

@@ -9,6 +9,7 @@ so optimizer state reshards with its parameter; other objects with ``state_dict(
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,17 +119,43 @@ class SaveView:
             raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
 
 
-def collect_for_save(state: dict[str, Any], *, allow_pickle: bool) -> SaveView:
-    """Flatten ``state`` as it stands on this rank."""
+def _storage_address(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.untyped_storage().data_ptr()
+
+
+def _buffer_storages(state: object) -> set[int]:
+    """Where the buffers of every nn.Module in the state live (their storages' addresses)."""
+    return {
+        _storage_address(buffer)
+        for module in find_instances(state, torch.nn.Module)
+        for buffer in module.buffers()
+        if buffer.numel()
+    }
+
+
+def collect_for_save(
+    state: dict[str, Any], *, allow_pickle: bool, snapshot_buffers: bool = False
+) -> SaveView:
+    """Flatten ``state`` as it stands on this rank.
+
+    ``snapshot_buffers`` clones the buffers of the modules in ``state`` (found by storage, so
+    renamed state-dict keys still match), for saves that copy the rest later: forward passes
+    update buffers such as BatchNorm's running statistics in place, before any optimizer step.
+    """
     if not isinstance(state, dict):
         raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
     view = SaveView()
     names = _param_names(state)
+    buffers = _buffer_storages(state) if snapshot_buffers else set()
 
     def leaf(key: str, value: Any) -> None:
         view._claim(key)
         if is_tensor_leaf(value):
-            view.shards[key] = local_shard(value, key=key)
+            shard = local_shard(value, key=key)
+            if shard.local.numel() and _storage_address(shard.local) in buffers:
+                shard = dataclasses.replace(shard, local=shard.local.clone())
+            view.shards[key] = shard
         elif _is_json(value):
             view.objects[key] = copy.deepcopy(value)  # as of now, whatever the caller does next
         elif allow_pickle:
