@@ -6,12 +6,14 @@ crash trial costs a save, not an interpreter start. Each saver saves ``root/step
 ``root/step_1``, ... until it has saved ``steps`` checkpoints or is killed; the server reaps it.
 
 Protocol, one JSON object per line.
-  stdin:  {"root": DIR, "steps": N, "world": 1 or 2, "store": FILE (rendezvous, world > 1)}
+  stdin:  {"root": DIR, "steps": N, "world": 1 or 2, "store": FILE (rendezvous, world > 1),
+           "mode": "sync", "async" or "lazy" (a background save is waited for before the next)}
   stdout: {"event": "ready"} once the server can fork; then, per request,
           {"event": "forked", "pids": [...]}, the savers' {"event": "saving", "rank", "step"}
           (just before ``unickpt.save``) and {"event": "committed", "rank", "step", "seconds"}
-          (once it returned), and last {"event": "reaped", "codes": [...]}: each saver's exit
-          code, negative when a signal killed it. EOF on stdin ends the server.
+          (once it returned, or its handle's ``wait()`` did), and last {"event": "reaped",
+          "codes": [...]}: each saver's exit code, negative when a signal killed it. EOF on
+          stdin ends the server.
 
 The test imports :func:`base_state`, :func:`state_at` and :func:`rank_state` to recompute the
 values a checkpoint of a given step must hold.
@@ -78,7 +80,7 @@ def _emit(**event: Any) -> None:
 
 
 def _save_loop(request: dict[str, Any], rank: int, base: dict[str, torch.Tensor]) -> None:
-    world = int(request["world"])
+    world, mode = int(request["world"]), request.get("mode", "sync")
     if world > 1:
         dist.init_process_group(
             "gloo", init_method=f"file://{request['store']}", rank=rank, world_size=world
@@ -87,7 +89,11 @@ def _save_loop(request: dict[str, Any], rank: int, base: dict[str, torch.Tensor]
         state = rank_state(state_at(base, step), rank, world)
         _emit(event="saving", rank=rank, step=step)
         start = time.monotonic()
-        unickpt.save(os.path.join(request["root"], f"step_{step}"), state, step=step)
+        saved = unickpt.save(
+            os.path.join(request["root"], f"step_{step}"), state, step=step, mode=mode
+        )
+        if isinstance(saved, unickpt.SaveHandle):
+            saved.wait()
         _emit(event="committed", rank=rank, step=step, seconds=time.monotonic() - start)
 
 

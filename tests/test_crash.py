@@ -7,7 +7,9 @@ Savers are forked by one server process per module (tests/crash_saver.py), so a 
 two saves (tens of milliseconds here), not an interpreter start with torch (seconds). Each trial
 arms on a saver's "saving step k" report and kills after a delay drawn uniformly from
 [0, 1.5 x the duration of the previous save], so kills land anywhere in a save and sometimes just
-after it. Set UNICKPT_CRASH_SEED to replay a run's schedule (the timing itself still varies).
+after it. Trials take the save modes in turn (sync, async, lazy: a background save is waited for
+before the next one begins), so the background write path is killed too. Set UNICKPT_CRASH_SEED
+to replay a run's schedule (the timing itself still varies).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SAVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_saver.py
 MAX_STEPS = 20  # a saver stops by itself after this many saves (only if a kill never came)
 WINDOW = 1.5  # kill delay ~ U[0, WINDOW x last save's duration) after the arming report
 ARM_AT_FIRST_SAVE_EVERY = 4  # every 4th trial kills during the first save, the rest later
+MODES = ("sync", "async", "lazy")  # trial i saves in MODES[i % 3]
 EVENT_TIMEOUT = 120.0
 RESAVE_TRIALS = 3
 
@@ -91,6 +94,7 @@ class Trial:
 
     root: str
     world: int
+    mode: str
     arm_step: int
     delay: float = 0.0
     announced: int = -1  # the highest step whose save rank 0 had begun
@@ -99,7 +103,7 @@ class Trial:
 
     def describe(self) -> str:
         return (
-            f"world={self.world} armed at 'saving step_{self.arm_step}', killed "
+            f"world={self.world} {self.mode} armed at 'saving step_{self.arm_step}', killed "
             f"{self.delay * 1e3:.1f} ms later; last save begun: step_{self.announced}; "
             f"saves returned: {sorted(self.reported)}; exit codes {self.codes}"
         )
@@ -159,12 +163,12 @@ def rng() -> random.Random:
 
 
 def run_trial(
-    server: SaverServer, tmp: str, *, world: int, arm_step: int, rng: random.Random
+    server: SaverServer, tmp: str, *, world: int, mode: str, arm_step: int, rng: random.Random
 ) -> Trial:
     """Start ``world`` savers writing under a new root in ``tmp``; SIGKILL them all at random."""
     root = tempfile.mkdtemp(prefix="trial-", dir=tmp)
     store = os.path.join(tmp, f"store-{uuid.uuid4().hex}")  # gloo rendezvous file
-    trial = Trial(root, world, arm_step)
+    trial = Trial(root, world, mode, arm_step)
     pids: list[int] = []
     returned: dict[int, int] = {}
 
@@ -182,7 +186,7 @@ def run_trial(
         elif kind == "reaped":
             trial.codes = event["codes"]
 
-    server.request(root=root, steps=MAX_STEPS, world=world, store=store)
+    server.request(root=root, steps=MAX_STEPS, world=world, store=store, mode=mode)
     try:
         while not trial.codes and (not pids or trial.announced < arm_step):
             record(server.next_event())
@@ -293,10 +297,13 @@ def crash_trials(
     for index in range(trials):
         arm_step = 0 if index % ARM_AT_FIRST_SAVE_EVERY == 0 else 1
         armed_later += arm_step
-        trial = run_trial(server, os.fspath(tmp_path), world=world, arm_step=arm_step, rng=rng)
+        mode = MODES[index % len(MODES)]
+        trial = run_trial(
+            server, os.fspath(tmp_path), world=world, mode=mode, arm_step=arm_step, rng=rng
+        )
         outcome = check_trial(trial, base)
         print(f"  -> {outcome}")
-        crash_points[outcome.crash_point] += 1
+        crash_points[f"{mode}: {outcome.crash_point}"] += 1
         interrupted += bool(outcome.incomplete)
         prior_commit += any(
             int(name.removeprefix("step_")) < trial.announced for name in outcome.committed
@@ -354,8 +361,9 @@ def test_resave_to_an_interrupted_path_commits_a_clean_checkpoint(
 ) -> None:
     """Retrying the killed save at the same path commits; the dead save's data files go."""
     resaved = 0
-    for _ in range(5 * RESAVE_TRIALS):
-        trial = run_trial(server, os.fspath(tmp_path), world=1, arm_step=1, rng=rng)
+    for index in range(5 * RESAVE_TRIALS):
+        mode = MODES[index % len(MODES)]
+        trial = run_trial(server, os.fspath(tmp_path), world=1, mode=mode, arm_step=1, rng=rng)
         path = os.path.join(trial.root, f"step_{trial.announced}")
         if has_files(path) and not os.path.exists(os.path.join(path, "manifest.json")):
             unickpt.save(path, state_at(base, trial.announced), step=trial.announced)
