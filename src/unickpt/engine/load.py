@@ -14,6 +14,7 @@ import torch
 
 from unickpt.engine.buffers import byte_view
 from unickpt.engine.comm import Comm
+from unickpt.engine.devices import DeviceWork
 from unickpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -170,9 +171,11 @@ def _load(
             (r, shard, meta) for r in plan_target_reads(shard.box, meta.chunks, size, whole=verify)
         ]
 
+    device_work = DeviceWork.record(s.local for s in view.shards.values())
     with timer("read"), torch.no_grad():
         readers: dict[str, Reader] = {}
         try:
+            device_work.wait()  # the reader threads overwrite tensors queued work may still use
             for name in sorted({job[0].chunk.file for job in jobs}):
                 readers[name] = _open_checked(storage, manifest, name)
             jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))

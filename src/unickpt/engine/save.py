@@ -30,6 +30,7 @@ import xxhash
 from unickpt.engine import background
 from unickpt.engine.comm import Comm
 from unickpt.engine.datafile import FileLayout, file_layouts, stage_file, stream_file, write_image
+from unickpt.engine.devices import DeviceWork
 from unickpt.engine.result import SaveResult
 from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
 from unickpt.format.dtypes import dtype_name
@@ -131,28 +132,7 @@ class _Collected:
     digest: str
     error: Exception | None
     timer: PhaseTimer
-    device_work: list[torch.Event]
-
-    def wait_for_device_work(self) -> None:
-        """Wait until the device work queued before the save (the last optimizer step) is done.
-
-        Other threads copy off the GPU on their own, default, stream, and PyTorch's other
-        streams do not synchronise with it: a caller training on a side stream would otherwise
-        have state copied before its last update landed.
-        """
-        for event in self.device_work:
-            event.synchronize()
-
-
-def _record_device_work(view: SaveView) -> list[torch.Event]:
-    """An event on the caller's current stream of every accelerator holding part of the state."""
-    devices = {s.local.device for s in view.shards.values()}
-    events = []
-    for device in devices - {torch.device("cpu"), torch.device("meta")}:
-        event = torch.Event(device=device)
-        event.record(torch.accelerator.current_stream(device))
-        events.append(event)
-    return events
+    device_work: DeviceWork  # what the caller queued on its GPUs before the save
 
 
 def _collect(
@@ -163,7 +143,7 @@ def _collect(
     view = SaveView()
     metas: list[ShardMeta] = []
     digest = ""
-    device_work: list[torch.Event] = []
+    device_work = DeviceWork([])
     with timer("collect"):
         try:
             with torch.no_grad():
@@ -177,7 +157,7 @@ def _collect(
                 for key, s in view.shards.items()
             ]
             digest = layout_digest(metas)
-            device_work = _record_device_work(view)
+            device_work = DeviceWork.record(s.local for s in view.shards.values())
         except Exception as exc:
             error = exc
     return _Collected(view, metas, digest, error, timer, device_work)
@@ -335,7 +315,7 @@ def save(
         _claim(prepared, comm.rank)
         with _abandon_on_failure(prepared, comm):
             planned = _plan(prepared, comm)
-            prepared.wait_for_device_work()  # the writers read the live tensors
+            prepared.device_work.wait()  # before the writer threads read the live tensors
             return _commit(prepared, planned, _write(prepared, planned, comm), comm)
     staged: list[_Planned] = []  # filled by stage(), read by finish()
 
@@ -345,7 +325,7 @@ def save(
         with _abandon_on_failure(prepared, comm):
             planned = _plan(prepared, comm)
             with prepared.timer("stage"):
-                prepared.wait_for_device_work()
+                prepared.device_work.wait()
                 images = background.POOL.images([f.data_bytes for f in planned.layouts])
                 for layout, image in zip(planned.layouts, images, strict=True):
                     stage_file(layout, prepared.view, image, all_cores=mode == "async")
