@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 import unickpt
 from unickpt.engine import background
 from unickpt.engine.datafile import DATA_DIR
+from unickpt.layout.state import collect_for_save
 from unickpt.storage import LocalStorage, Writer
 from unickpt.storage.local import BUFFERED_WRITE_BYTES
 
@@ -310,6 +311,18 @@ def test_lazy_save_keeps_buffers_as_of_the_call(ckpt_root: str) -> None:
     for key in ("model.1.running_mean", "model.1.running_var", "model.1.num_batches_tracked"):
         assert torch.equal(loaded[key], expected[key]), f"{key} is not as of the call"
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_lazy_snapshot_clones_buffers_not_the_parameters_beside_them() -> None:
+    flat = torch.arange(10.0)  # one storage, as after an mmap load with assign=True
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(flat[:6])
+    module.register_buffer("stat", flat[6:])
+    view = collect_for_save({"m": module}, allow_pickle=False, snapshot_buffers=True)
+    assert view.shards["m.weight"].local.data_ptr() == module.weight.data_ptr(), "copied"
+    stat = view.shards["m.stat"].local
+    module.stat.add_(1.0)
+    assert torch.equal(stat, torch.arange(6.0, 10.0)), "the buffer's snapshot moved with it"
 
 
 @pytest.mark.parametrize("mode", ["sync", "lazy"])

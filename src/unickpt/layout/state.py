@@ -119,15 +119,16 @@ class SaveView:
             raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
 
 
-def _storage_address(tensor: torch.Tensor) -> int:
+def _view_of(tensor: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]:
+    """Which bytes a (local) tensor views: tensors equal here alias each other exactly."""
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.untyped_storage().data_ptr()
+    return local.data_ptr(), local.dtype, tuple(local.shape), local.stride()
 
 
-def _buffer_storages(state: object) -> set[int]:
-    """Where the buffers of every nn.Module in the state live (their storages' addresses)."""
+def _buffer_views(state: object) -> set[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]]:
+    """The memory of every buffer of the nn.Modules in the state."""
     return {
-        _storage_address(buffer)
+        _view_of(buffer)
         for module in find_instances(state, torch.nn.Module)
         for buffer in module.buffers()
         if buffer.numel()
@@ -139,21 +140,22 @@ def collect_for_save(
 ) -> SaveView:
     """Flatten ``state`` as it stands on this rank.
 
-    ``snapshot_buffers`` clones the buffers of the modules in ``state`` (found by storage, so
-    renamed state-dict keys still match), for saves that copy the rest later: forward passes
+    ``snapshot_buffers`` clones the buffers of the modules in ``state`` (found by the memory
+    they view, so renamed state-dict keys still match, and parameters sharing a storage with
+    them, as after an mmap load, do not), for saves that copy the rest later: forward passes
     update buffers such as BatchNorm's running statistics in place, before any optimizer step.
     """
     if not isinstance(state, dict):
         raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
     view = SaveView()
     names = _param_names(state)
-    buffers = _buffer_storages(state) if snapshot_buffers else set()
+    buffers = _buffer_views(state) if snapshot_buffers else set()
 
     def leaf(key: str, value: Any) -> None:
         view._claim(key)
         if is_tensor_leaf(value):
             shard = local_shard(value, key=key)
-            if shard.local.numel() and _storage_address(shard.local) in buffers:
+            if shard.local.numel() and _view_of(shard.local) in buffers:
                 shard = dataclasses.replace(shard, local=shard.local.clone())
             view.shards[key] = shard
         elif _is_json(value):
