@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-_HOST = (torch.device("cpu"), torch.device("meta"))
+_HOST = frozenset({torch.device("cpu"), torch.device("meta")})
 
 
 class DeviceWork:
@@ -25,7 +25,7 @@ class DeviceWork:
     def record(cls, tensors: Iterable[torch.Tensor]) -> DeviceWork:
         """Mark, in the calling thread, the work queued so far on every device ``tensors`` use."""
         events = []
-        for device in {t.device for t in tensors} - set(_HOST):
+        for device in {t.device for t in tensors} - _HOST:
             event = torch.Event(device=device)
             event.record(torch.accelerator.current_stream(device))
             events.append(event)

@@ -171,11 +171,12 @@ def _load(
             (r, shard, meta) for r in plan_target_reads(shard.box, meta.chunks, size, whole=verify)
         ]
 
-    device_work = DeviceWork.record(s.local for s in view.shards.values())
     with timer("read"), torch.no_grad():
         readers: dict[str, Reader] = {}
         try:
-            device_work.wait()  # the reader threads overwrite tensors queued work may still use
+            # The reader threads overwrite tensors that work queued on the caller's streams
+            # may still use.
+            DeviceWork.record(s.local for s in view.shards.values()).wait()
             for name in sorted({job[0].chunk.file for job in jobs}):
                 readers[name] = _open_checked(storage, manifest, name)
             jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))

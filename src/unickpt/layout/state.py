@@ -9,10 +9,9 @@ so optimizer state reshards with its parameter; other objects with ``state_dict(
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -119,13 +118,16 @@ class SaveView:
             raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
 
 
-def _view_of(tensor: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]:
+_MemoryView = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
+
+
+def _view_of(tensor: torch.Tensor) -> _MemoryView:
     """Which bytes a (local) tensor views: tensors equal here alias each other exactly."""
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     return local.data_ptr(), local.dtype, tuple(local.shape), local.stride()
 
 
-def _buffer_views(state: object) -> set[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]]:
+def _buffer_views(state: object) -> set[_MemoryView]:
     """The memory of every buffer of the nn.Modules in the state."""
     return {
         _view_of(buffer)
@@ -156,7 +158,7 @@ def collect_for_save(
         if is_tensor_leaf(value):
             shard = local_shard(value, key=key)
             if shard.local.numel() and _view_of(shard.local) in buffers:
-                shard = dataclasses.replace(shard, local=shard.local.clone())
+                shard = replace(shard, local=shard.local.clone())
             view.shards[key] = shard
         elif _is_json(value):
             view.objects[key] = copy.deepcopy(value)  # as of now, whatever the caller does next
