@@ -7,6 +7,7 @@ import os
 import random
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -310,6 +311,100 @@ def test_lazy_save_keeps_buffers_as_of_the_call(ckpt_root: str) -> None:
     loaded = _snapshot(target, target_optim)
     for key in ("model.1.running_mean", "model.1.running_var", "model.1.num_batches_tracked"):
         assert torch.equal(loaded[key], expected[key]), f"{key} is not as of the call"
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_lazy_save_refuses_a_state_updated_before_its_copy(ckpt_root: str) -> None:
+    model = _model()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optim, 0)
+    expected = _snapshot(model, optim)
+    unickpt.save(f"{ckpt_root}/before", {"model": model, "optim": optim})
+    # state_dict()s, not the objects: no step hook is installed, and the step below does not
+    # wait for the background copy, which the gate holds back.
+    state = {"model": model.state_dict(), "optim": optim.state_dict()}
+    storage = _GatedLocal(f"{ckpt_root}/torn")
+    handle = unickpt.save(storage, state, mode="lazy")
+    _step(model, optim, 1)
+    storage.gate.set()
+    with pytest.raises(
+        unickpt.StateChangedError,
+        match=r"model.0.weight, model.0.bias, model.1.weight and \d+ more changed in place",
+    ) as err:
+        handle.wait()
+    assert "nothing was committed" in str(err.value) and "before_update()" in str(err.value)
+    assert os.listdir(storage.root) == [], "the refused save left files behind"
+    target = _model(seed=5)
+    target_optim = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    unickpt.load(f"{ckpt_root}/before", {"model": target, "optim": target_optim})
+    assert all(torch.equal(_snapshot(target, target_optim)[k], v) for k, v in expected.items())
+    # The same bare dicts save fine when the loop waits before updating them.
+    handle = unickpt.save(f"{ckpt_root}/waited", state, mode="lazy")
+    unickpt.before_update()
+    _step(model, optim, 2)
+    assert handle.wait() is not None
+
+
+def _one_rank_updates_early(rank: int, world_size: int, root: str) -> tuple[str, str]:
+    state = {"w": torch.full((1024,), float(rank))}
+    storage = _GatedLocal(f"{root}/torn")
+    handle = unickpt.save(storage, state, mode="lazy")
+    if rank == 1:
+        state["w"].add_(1.0)  # without before_update(): rank 1's copy would be torn
+    storage.gate.set()
+    try:
+        handle.wait()
+    except unickpt.CheckpointError as exc:
+        failure = (type(exc).__name__, str(exc))
+    unickpt.before_update()
+    # The background process group is still in step: the next save commits on every rank.
+    assert unickpt.save(f"{root}/next", state, mode="lazy").wait() is not None
+    return failure
+
+
+def test_a_rank_whose_lazy_state_changed_fails_the_save_on_every_rank(ckpt_root: str) -> None:
+    (kind0, message0), (kind1, message1) = run_distributed(2, _one_rank_updates_early, ckpt_root)
+    assert kind1 == "StateChangedError" and "w changed in place" in message1
+    assert kind0 == "CheckpointError", message0  # not a storage failure
+    assert "nothing was committed" in message0 and "rank 1 staging: StateChangedError" in message0
+    assert not os.path.exists(f"{ckpt_root}/torn/manifest.json")
+    target = {"w": torch.zeros(1024)}
+    unickpt.load(f"{ckpt_root}/next", target)  # every rank saved a replica of one tensor
+    assert target["w"][0].item() in (0.0, 2.0)
+
+
+class _AppState:
+    """A DCP-style Stateful wrapper: its state dict hides the model and optimizer it holds."""
+
+    def __init__(self, model: torch.nn.Module, optim: torch.optim.Optimizer) -> None:
+        self.model, self.optim = model, optim
+
+    def state_dict(self) -> dict[str, object]:
+        return {"model": self.model.state_dict(), "optim": self.optim.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+
+
+def test_lazy_save_finds_the_model_and_optimizer_inside_a_stateful_wrapper(
+    ckpt_root: str,
+) -> None:
+    model = _model()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optim, 0)
+    expected = _snapshot(model, optim)
+    storage = _GatedLocal(f"{ckpt_root}/gated")  # holds the background copy back
+    handle = unickpt.save(storage, {"app": _AppState(model, optim)}, mode="lazy")
+    model(torch.randn(16, 64)).square().mean().backward()  # buffers: snapshotted at the call
+    storage.gate.set()
+    optim.step()  # the step hook waits for the copy
+    assert handle.wait() is not None
+    target = _model(seed=5)
+    target_optim = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    _step(target, target_optim, 3)  # a plain state_dict() lists only the state that exists
+    unickpt.load(storage.root, {"app": _AppState(target, target_optim)})
+    loaded = _snapshot(target, target_optim)
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 

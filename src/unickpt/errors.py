@@ -43,6 +43,10 @@ class InvalidStateError(CheckpointError):
     """The state passed to ``save`` cannot be checkpointed as given (bad key, leaf or sharding)."""
 
 
+class StateChangedError(CheckpointError):
+    """A lazy save's state was updated in place before the save had copied it."""
+
+
 class StorageError(CheckpointError):
     """The storage backend failed (disk full, permission denied, unreachable store)."""
 

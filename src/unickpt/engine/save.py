@@ -32,7 +32,12 @@ from unickpt.engine.comm import Comm
 from unickpt.engine.datafile import FileLayout, file_layouts, stage_file, stream_file, write_image
 from unickpt.engine.devices import DeviceWork
 from unickpt.engine.result import SaveResult
-from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
+from unickpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    StateChangedError,
+    StorageError,
+)
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
     INFLIGHT,
@@ -56,19 +61,21 @@ log = logging.getLogger("unickpt")
 @dataclass
 class _Planned:
     """A save after its first collective: the save id, the plan, and this rank's files (with
-    their data images, once a background save has staged them)."""
+    their data images, once a background save has staged them, or the error staging raised:
+    it is carried to the commit, the next collective, so that every rank fails together)."""
 
     uid: str
     plan: SavePlan
     cache_hit: bool
     layouts: list[FileLayout]
     images: list[torch.Tensor] | None = None
+    error: Exception | None = None
 
 
 def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[str, Any]:
     """Write this rank's files as concurrent streams; failures are reported, not raised."""
     storage, view = prepared.storage, prepared.view
-    report: dict[str, Any] = {"files": {}, "chunks": [], "error": None}
+    report: dict[str, Any] = {"files": {}, "chunks": [], "error": None, "writing": True}
 
     def write(index: int) -> tuple[str, int, list[dict[str, Any]]]:
         layout = planned.layouts[index]
@@ -133,10 +140,11 @@ class _Collected:
     error: Exception | None
     timer: PhaseTimer
     device_work: DeviceWork  # what the caller queued on its GPUs before the save
+    versions: dict[str, int]  # lazy saves: each tensor's version counter at the call
 
 
 def _collect(
-    state: dict[str, Any], *, rank: int, allow_pickle: bool, snapshot_buffers: bool = False
+    state: dict[str, Any], *, rank: int, allow_pickle: bool, lazy: bool = False
 ) -> _Collected:
     timer = PhaseTimer()
     error: Exception | None = None
@@ -144,12 +152,11 @@ def _collect(
     metas: list[ShardMeta] = []
     digest = ""
     device_work = DeviceWork([])
+    versions: dict[str, int] = {}
     with timer("collect"):
         try:
             with torch.no_grad():
-                view = collect_for_save(
-                    state, allow_pickle=allow_pickle, snapshot_buffers=snapshot_buffers
-                )
+                view = collect_for_save(state, allow_pickle=allow_pickle, snapshot_buffers=lazy)
             if rank == 0:
                 _add_opaque(view)
             metas = [
@@ -158,9 +165,37 @@ def _collect(
             ]
             digest = layout_digest(metas)
             device_work = DeviceWork.record(s.local for s in view.shards.values())
+            if lazy:
+                versions = {key: s.local._version for key, s in view.shards.items()}
         except Exception as exc:
             error = exc
-    return _Collected(view, metas, digest, error, timer, device_work)
+    return _Collected(view, metas, digest, error, timer, device_work, versions)
+
+
+def _check_unchanged(prepared: PreparedSave) -> None:
+    """Refuse a lazy save whose state was updated in place before its copy was complete.
+
+    Every in-place op through a tensor, or a view of it, bumps the tensor's version counter
+    (autograd relies on it), so this catches optimizer steps and in-place updates that did not
+    wait for :func:`before_update`. Kernels that update their inputs behind autograd's back
+    (batch_norm's running statistics: hence the buffer snapshots) and writes through ``.data``
+    go unseen.
+    """
+    changed = [
+        key
+        for key, version in prepared.versions.items()
+        if prepared.view.shards[key].local._version != version
+    ]
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise StateChangedError(
+            f"lazy save to {prepared.storage.url}: {', '.join(changed[:3])}{more} changed in "
+            "place before the save had copied the state, so the copy would mix two states; "
+            "nothing was committed. Nothing may update the state of a lazy save until "
+            "unickpt.before_update() returns: optimizers passed in the state (not their "
+            "state_dict()) call it from a step pre-hook; call it yourself before any other "
+            "in-place update, or save with mode='async'"
+        )
 
 
 @dataclass
@@ -183,12 +218,10 @@ def prepare_save(
     allow_pickle: bool,
     storage_options: Mapping[str, Any] | None = None,
     write_limit: RateLimit | None = None,
-    snapshot_buffers: bool = False,
+    lazy: bool = False,
 ) -> PreparedSave:
     storage = open_storage(path, storage_options)
-    collected = _collect(
-        state, rank=rank, allow_pickle=allow_pickle, snapshot_buffers=snapshot_buffers
-    )
+    collected = _collect(state, rank=rank, allow_pickle=allow_pickle, lazy=lazy)
     return PreparedSave(
         **vars(collected),
         storage=storage,
@@ -286,7 +319,9 @@ def save(
     too, overlapping the caller's next forward/backward; optimizers in ``state`` get a step
     pre-hook that blocks until the copy is done (call :func:`before_update` before any other
     in-place update). The buffers of modules in ``state``, which forward passes may update
-    (BatchNorm's running statistics), are copied at the call instead. One save is in flight
+    (BatchNorm's running statistics), are copied at the call instead. A lazy save whose state
+    was updated in place before its copy was done fails with :class:`StateChangedError`
+    (nothing is committed) rather than saving a mix of two states. One save is in flight
     per process: ``if_busy`` says whether a new one waits for it or is skipped (every rank
     makes the same choice; it is logged).
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
@@ -309,7 +344,7 @@ def save(
         allow_pickle=allow_pickle,
         storage_options=storage_options,
         write_limit=write_limit,
-        snapshot_buffers=mode == "lazy",
+        lazy=mode == "lazy",
     )
     if mode == "sync":
         _claim(prepared, comm.rank)
@@ -325,11 +360,15 @@ def save(
         with _abandon_on_failure(prepared, comm):
             planned = _plan(prepared, comm)
             with prepared.timer("stage"):
-                prepared.device_work.wait()
-                images = background.POOL.images([f.data_bytes for f in planned.layouts])
-                for layout, image in zip(planned.layouts, images, strict=True):
-                    stage_file(layout, prepared.view, image, all_cores=mode == "async")
-                planned.images = images
+                try:
+                    prepared.device_work.wait()
+                    images = background.POOL.images([f.data_bytes for f in planned.layouts])
+                    for layout, image in zip(planned.layouts, images, strict=True):
+                        stage_file(layout, prepared.view, image, all_cores=mode == "async")
+                    _check_unchanged(prepared)
+                    planned.images = images
+                except Exception as exc:
+                    planned.error = exc
             staged.append(planned)
 
     def finish() -> SaveResult:
@@ -406,6 +445,9 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
 
 
 def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, Any]:
+    if planned.error is not None:  # staging failed: nothing to write, only peers to tell
+        error = f"rank {comm.rank} staging: {type(planned.error).__name__}: {planned.error}"
+        return {"files": {}, "chunks": [], "error": error, "writing": False}
     with prepared.timer("write"):
         return _write_files(prepared, comm.rank, planned)
 
@@ -417,29 +459,34 @@ def _commit(
     storage, timer = prepared.storage, prepared.timer
     with timer("commit"):
         reports = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(report).encode())]
-        outcome = ""
+        failed: dict[str, Any] = {}  # rank 0's verdict: {"message", "storage"} if not committed
         if comm.rank == 0:
-            try:
-                failures = [r["error"] for r in reports if r["error"]]
-                if failures:
-                    raise StorageError("; ".join(failures))
-                manifest = _build_manifest(
-                    reports,
-                    planned.plan,
-                    prepared.view,
-                    prepared.step,
-                    prepared.user_metadata,
-                    comm.world_size,
-                )
-                commit_manifest(storage, manifest)
-            except Exception as exc:
-                outcome = f"{type(exc).__name__}: {exc}"
+            failures = [r for r in reports if r["error"]]
+            if failures:
+                message = "; ".join(r["error"] for r in failures)
+                failed = {"message": message, "storage": all(r["writing"] for r in failures)}
             else:
-                with contextlib.suppress(Exception):  # committed; leftovers are only clutter
-                    tidy(storage, manifest)
-        outcome = comm.broadcast_bytes(outcome.encode()).decode()
-        if outcome:
-            raise StorageError(f"save to {storage.url} failed, nothing was committed: {outcome}")
+                try:
+                    manifest = _build_manifest(
+                        reports,
+                        planned.plan,
+                        prepared.view,
+                        prepared.step,
+                        prepared.user_metadata,
+                        comm.world_size,
+                    )
+                    commit_manifest(storage, manifest)
+                except Exception as exc:
+                    failed = {"message": f"{type(exc).__name__}: {exc}", "storage": True}
+                else:
+                    with contextlib.suppress(Exception):  # committed; leftovers are only clutter
+                        tidy(storage, manifest)
+        failed = json.loads(comm.broadcast_bytes(json.dumps(failed).encode()))
+        if planned.error is not None:
+            raise planned.error  # this rank's own staging failure, as raised
+        if failed:
+            kind = StorageError if failed["storage"] else CheckpointError
+            raise kind(f"save to {storage.url} failed, nothing was committed: {failed['message']}")
     written = sum(report["files"].values())
     return SaveResult(
         str(storage.url), prepared.step, written, timer.total, planned.cache_hit, timer.phases

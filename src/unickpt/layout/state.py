@@ -31,6 +31,11 @@ def _is_stateful(value: object) -> bool:
     )
 
 
+def _is_wrapper(value: object) -> bool:
+    """A Stateful object other than a module or an optimizer."""
+    return _is_stateful(value) and not isinstance(value, torch.nn.Module | torch.optim.Optimizer)
+
+
 def _is_json(value: object) -> bool:
     try:
         json.dumps(value, allow_nan=True)
@@ -67,7 +72,9 @@ def _children(
 
 
 def find_instances(state: object, kind: type[T]) -> Iterator[T]:
-    """Every ``kind`` object in the nested dicts/lists/tuples of ``state`` (not inside them)."""
+    """Every ``kind`` object in the nested dicts/lists/tuples of ``state`` (not inside them),
+    and among the direct attributes of the other Stateful objects there: wrappers such as
+    DCP's ``AppState``, whose state dicts hide the model and optimizer they hold."""
     if isinstance(state, kind):
         yield state
     elif isinstance(state, dict):
@@ -76,6 +83,18 @@ def find_instances(state: object, kind: type[T]) -> Iterator[T]:
     elif isinstance(state, list | tuple):
         for value in state:
             yield from find_instances(value, kind)
+    elif _is_wrapper(state):
+        yield from _attributes_of_kind(state, kind, seen=set())
+
+
+def _attributes_of_kind(wrapper: object, kind: type[T], seen: set[int]) -> Iterator[T]:
+    """Direct attributes only, so that a wrapper holding a dataset is not walked through it."""
+    seen.add(id(wrapper))
+    for value in getattr(wrapper, "__dict__", {}).values():
+        if isinstance(value, kind):
+            yield value
+        elif _is_wrapper(value) and id(value) not in seen:
+            yield from _attributes_of_kind(value, kind, seen)
 
 
 def _param_names(state: object) -> dict[int, str]:
