@@ -373,6 +373,38 @@ def test_a_rank_whose_lazy_state_changed_fails_the_save_on_every_rank(ckpt_root:
     assert target["w"][0].item() in (0.0, 2.0)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async", "lazy"])
+def test_conjugate_and_negative_views_save_their_values(ckpt_root: str, mode: str) -> None:
+    z = torch.tensor([1 + 2j, 3 - 4j])
+    state = {"conj": z.conj(), "neg": z.conj().imag}  # contiguous, flags set: memory != values
+    assert state["conj"].is_conj() and state["neg"].is_neg()
+    expected = {k: v.resolve_conj().resolve_neg().clone() for k, v in state.items()}
+    result = unickpt.save(f"{ckpt_root}/c", state, mode=mode)  # type: ignore[call-overload]
+    assert (result.wait() if mode != "sync" else result) is not None
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    unickpt.load(f"{ckpt_root}/c", target)
+    assert all(torch.equal(target[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("mode", ["async", "lazy"])
+def test_background_save_of_only_empty_tensors(ckpt_root: str, mode: str) -> None:
+    handle = unickpt.save(f"{ckpt_root}/e", {"t": torch.empty(0, 4), "step": 3}, mode=mode)
+    assert handle.wait() is not None
+    target = {"t": torch.ones(0, 4), "step": None}
+    unickpt.load(f"{ckpt_root}/e", target)
+    assert target["step"] == 3
+
+
+def test_lazy_save_of_inference_tensors(ckpt_root: str) -> None:
+    with torch.inference_mode():
+        weights = torch.randn(64, 64)
+    handle = unickpt.save(f"{ckpt_root}/i", {"w": weights}, mode="lazy")
+    assert handle.wait() is not None
+    target = {"w": torch.zeros(64, 64)}
+    unickpt.load(f"{ckpt_root}/i", target)
+    assert torch.equal(target["w"], weights)
+
+
 class _AppState:
     """A DCP-style Stateful wrapper: its state dict hides the model and optimizer it holds."""
 

@@ -313,6 +313,56 @@ def test_non_json_object_needs_allow_pickle(ckpt_root: str, value: object, kind:
     assert not os.path.exists(path), "a refused save must write nothing"
 
 
+def test_dict_keys_json_would_stringify_need_allow_pickle(ckpt_root: str) -> None:
+    path = os.path.join(ckpt_root, "c")
+    value = [{"epoch": 3, "seen": {7: 120}}]  # a list of dicts: one JSON leaf
+    with pytest.raises(unickpt.InvalidStateError, match=r"'loader' holds a dict with key 7"):
+        unickpt.save(path, {**state(), "loader": value})
+    assert not os.path.exists(path), "a refused save must write nothing"
+    unickpt.save(path, {**state(), "loader": value}, allow_pickle=True)
+    target = {**zeros(), "loader": None}
+    unickpt.load(path, target, allow_pickle=True)
+    assert target["loader"] == value
+
+
+def test_empty_key_is_refused(ckpt_root: str) -> None:
+    # {"": {"w": t}} would flatten to "w" and load into a differently nested state
+    with pytest.raises(unickpt.InvalidStateError, match=r"key '' under 'a' must be a non-empty"):
+        unickpt.save(os.path.join(ckpt_root, "c"), {"a": {"": {"w": torch.ones(2)}}})
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (torch.empty(3, device="meta"), r"'x' is on the meta device and has no data"),
+        (torch.eye(3).to_sparse(), r"'x' is a sparse_coo tensor; only dense"),
+        (
+            torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged),
+            r"'x' is a nested tensor",
+        ),
+    ],
+    ids=["meta", "sparse", "nested"],
+)
+@pytest.mark.parametrize("mode", ["sync", "lazy"])
+def test_tensor_without_dense_data_is_refused_by_name(
+    ckpt_root: str, tensor: torch.Tensor, message: str, mode: str
+) -> None:
+    path = os.path.join(ckpt_root, "c")
+    with pytest.raises(unickpt.InvalidStateError, match=message):
+        handle = unickpt.save(path, {**state(), "x": tensor}, mode=mode)  # type: ignore[call-overload]
+        handle.wait() if mode == "lazy" else None
+    unickpt.save(path, state())
+    with pytest.raises(unickpt.InvalidStateError, match=message):
+        unickpt.load(path, {**zeros(), "x": tensor}, strict=False)
+
+
+def test_conjugate_view_load_target_is_refused_by_name(ckpt_root: str) -> None:
+    path = os.path.join(ckpt_root, "c")
+    unickpt.save(path, {"z": torch.tensor([1 + 2j, 3 - 4j])})
+    with pytest.raises(unickpt.InvalidStateError, match=r"'z' is a conjugate or negative view"):
+        unickpt.load(path, {"z": torch.zeros(2, dtype=torch.complex64).conj()})
+
+
 def test_pickled_entry_is_refused_without_allow_pickle_on_load(ckpt_root: str) -> None:
     path = os.path.join(ckpt_root, "c")
     unickpt.save(path, {**state(), "tags": {"b", "a"}}, allow_pickle=True)

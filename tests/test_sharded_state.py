@@ -104,3 +104,22 @@ def test_optimizer_state_follows_names_whatever_the_group_order(tmp_path: pathli
     assert reordered.param_groups[0]["lr"] == 0.01
     for param, source in zip(twin.parameters(), model.parameters(), strict=True):
         assert torch.equal(reordered.state[param]["exp_avg"], adam.state[source]["exp_avg"])
+
+
+def test_tensor_hyperparameters_round_trip_as_tensors(tmp_path: pathlib.Path) -> None:
+    # lr as a 0-d tensor is how compiled optimizers take a schedule without recompiling
+    model = torch.nn.Linear(4, 3)
+    optim = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), betas=(0.8, 0.9))
+    model(torch.randn(2, 4)).sum().backward()
+    optim.step()
+    optim.param_groups[0]["lr"].fill_(0.002)
+    unickpt.save(str(tmp_path / "c"), {"model": model, "optim": optim})
+    target = torch.nn.Linear(4, 3)
+    target_optim = torch.optim.Adam(target.parameters(), lr=torch.tensor(0.5))
+    unickpt.load(str(tmp_path / "c"), {"model": target, "optim": target_optim})
+    group = target_optim.param_groups[0]
+    assert isinstance(group["lr"], torch.Tensor) and group["lr"].item() == pytest.approx(0.002)
+    assert group["betas"] == (0.8, 0.9)
+    assert torch.equal(
+        target_optim.state[target.weight]["exp_avg"], optim.state[model.weight]["exp_avg"]
+    )

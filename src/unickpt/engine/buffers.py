@@ -45,6 +45,8 @@ def mapped_empty(
     faults every page in now, in one kernel call (much faster than touching them one by one).
     """
     count = math.prod(shape)
+    if count == 0:  # nothing to map (frombuffer refuses an empty count)
+        return torch.empty(shape, dtype=dtype)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
     memory = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=flags)
     # The tensor holds a reference to the mapping: it is unmapped with the tensor.

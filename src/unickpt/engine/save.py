@@ -165,8 +165,12 @@ def _collect(
             ]
             digest = layout_digest(metas)
             device_work = DeviceWork.record(s.local for s in view.shards.values())
-            if lazy:
-                versions = {key: s.local._version for key, s in view.shards.items()}
+            if lazy:  # inference tensors have no version counter (nor autograd to need one)
+                versions = {
+                    key: s.local._version
+                    for key, s in view.shards.items()
+                    if not s.local.is_inference()
+                }
         except Exception as exc:
             error = exc
     return _Collected(view, metas, digest, error, timer, device_work, versions)

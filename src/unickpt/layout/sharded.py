@@ -65,12 +65,29 @@ def is_tensor_leaf(value: object) -> bool:
 def local_shard(value: torch.Tensor | ShardedTensor, *, key: str) -> LocalShard:
     """The rank-local shard of a tensor leaf; a plain tensor is a full, replicated box."""
     if isinstance(value, ShardedTensor):
+        _check_dense(value.local, key)
         return LocalShard(
             value.local, value.global_shape, Box.of(value.global_offsets, value.local.shape)
         )
+    _check_dense(value, key)
     if isinstance(value, DTensor):
         return _dtensor_shard(value, key=key)
     return LocalShard(value, tuple(value.shape), Box.full(value.shape))
+
+
+def _check_dense(tensor: torch.Tensor, key: str) -> None:
+    """Shards move as the bytes of a dense tensor: refuse any other kind, naming it."""
+    if tensor.is_nested or tensor.layout != torch.strided:
+        kind = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise InvalidStateError(
+            f"tensor {key!r} is a {kind} tensor; only dense (strided) tensors are supported: "
+            "convert it (e.g. .to_dense()) or keep its parts as separate tensors"
+        )
+    if tensor.device.type == "meta":
+        raise InvalidStateError(
+            f"tensor {key!r} is on the meta device and has no data; materialise it first "
+            "(e.g. module.to_empty(device=...))"
+        )
 
 
 def _placement_order(value: DTensor, key: str) -> list[tuple[int, int]]:

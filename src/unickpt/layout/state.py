@@ -44,6 +44,17 @@ def _is_json(value: object) -> bool:
     return True
 
 
+def _non_str_keys(value: object) -> list[object]:
+    """The dict keys in a JSON value that JSON would silently turn into strings."""
+    if isinstance(value, dict):
+        return [k for k in value if not isinstance(k, str)] + [
+            k for v in value.values() for k in _non_str_keys(v)
+        ]
+    if isinstance(value, list | tuple):
+        return [k for v in value for k in _non_str_keys(v)]
+    return []
+
+
 def _contains_tensors(value: object) -> bool:
     if is_tensor_leaf(value) or _is_stateful(value):
         return True
@@ -63,9 +74,9 @@ def _children(
 ) -> Iterator[tuple[str, Any, Setter | None]]:
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for name, child in items:
-        if not isinstance(name, str | int) or isinstance(name, bool):
+        if not isinstance(name, str | int) or isinstance(name, bool) or name == "":
             raise InvalidStateError(
-                f"state key {name!r} under {prefix or '(root)'!r} must be a str"
+                f"state key {name!r} under {prefix or '(root)'!r} must be a non-empty str"
             )
         setter = _item_setter(value, name) if isinstance(value, dict | list) else None
         yield (f"{prefix}{SEP}{name}" if prefix else str(name)), child, setter
@@ -116,9 +127,32 @@ def _optimizer_param_names(opt: torch.optim.Optimizer, names: dict[int, str]) ->
 
 def _json_groups(groups: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     return [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+        {
+            **{k: _plain_hyperparameter(v) for k, v in g.items() if k != "params"},
+            "params": [names[i] for i in g["params"]],
+        }
         for g in groups
     ]
+
+
+def _plain_hyperparameter(value: Any) -> Any:
+    """A 0-d tensor (``lr=torch.tensor(0.01)``, as compiled optimizers use) as its number."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if isinstance(value, tuple | list):
+        return type(value)(_plain_hyperparameter(v) for v in value)
+    return value
+
+
+def _restored_hyperparameter(live: Any, saved: Any) -> Any:
+    """``saved`` in the live value's form: tuples stay tuples, 0-d tensors stay tensors."""
+    if isinstance(live, torch.Tensor) and live.dim() == 0 and isinstance(saved, int | float):
+        return torch.tensor(saved, dtype=live.dtype, device=live.device)
+    if isinstance(live, tuple) and isinstance(saved, list):
+        if len(live) != len(saved):
+            return tuple(saved)
+        return tuple(_restored_hyperparameter(w, v) for w, v in zip(live, saved, strict=True))
+    return saved
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -176,13 +210,22 @@ def collect_for_save(
         view._claim(key)
         if is_tensor_leaf(value):
             shard = local_shard(value, key=key)
-            if shard.local.numel() and _view_of(shard.local) in buffers:
+            if shard.local.is_conj() or shard.local.is_neg():  # lazy flags: their memory is
+                local = shard.local.resolve_conj().resolve_neg()  # not their values
+                shard = replace(shard, local=local)
+            elif shard.local.numel() and _view_of(shard.local) in buffers:
                 shard = replace(shard, local=shard.local.clone())
             view.shards[key] = shard
-        elif _is_json(value):
+        elif _is_json(value) and not (stringified := _non_str_keys(value)):
             view.objects[key] = copy.deepcopy(value)  # as of now, whatever the caller does next
         elif allow_pickle:
             view.opaque[key] = value
+        elif _is_json(value):
+            raise InvalidStateError(
+                f"state entry {key!r} holds a dict with key {stringified[0]!r}, which JSON "
+                "would turn into a string; use str keys, or pass allow_pickle=True to save "
+                "(and load) it with pickle"
+            )
         else:
             raise InvalidStateError(
                 f"state entry {key!r} of type {type(value).__name__} is neither a tensor nor "
@@ -229,7 +272,13 @@ class LoadView:
 
     def add_tensor(self, key: str, value: torch.Tensor | ShardedTensor) -> None:
         self._claim(key)
-        self.shards[key] = local_shard(value, key=key)
+        shard = local_shard(value, key=key)
+        if shard.local.is_conj() or shard.local.is_neg():
+            raise InvalidStateError(
+                f"tensor {key!r} is a conjugate or negative view (.conj(), .imag of one): "
+                "loading cannot write through it; load into the tensor it views"
+            )
+        self.shards[key] = shard
 
     def add_object(self, key: str, setter: Setter) -> None:
         self._claim(key)
@@ -308,8 +357,7 @@ def _load_optimizer(
                     )
                 for name, value in saved_group.items():
                     if name != "params":
-                        was = live_group.get(name)
-                        live_group[name] = tuple(value) if isinstance(was, tuple) else value
+                        live_group[name] = _restored_hyperparameter(live_group.get(name), value)
         opt.load_state_dict({"state": new_state, "param_groups": groups})
 
     view.finalizers.append(finalize)
