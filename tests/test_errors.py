@@ -356,11 +356,15 @@ def test_tensor_without_dense_data_is_refused_by_name(
         unickpt.load(path, {**zeros(), "x": tensor}, strict=False)
 
 
-def test_conjugate_view_load_target_is_refused_by_name(ckpt_root: str) -> None:
+def test_load_targets_that_cannot_be_written_are_refused_by_name(ckpt_root: str) -> None:
     path = os.path.join(ckpt_root, "c")
-    unickpt.save(path, {"z": torch.tensor([1 + 2j, 3 - 4j])})
+    unickpt.save(path, {"z": torch.tensor([1 + 2j, 3 - 4j]), "e": torch.ones(2, 3)})
+    conj = {"z": torch.zeros(2, dtype=torch.complex64).conj(), "e": torch.zeros(2, 3)}
     with pytest.raises(unickpt.InvalidStateError, match=r"'z' is a conjugate or negative view"):
-        unickpt.load(path, {"z": torch.zeros(2, dtype=torch.complex64).conj()})
+        unickpt.load(path, conj)
+    expanded = {"z": torch.zeros(2, dtype=torch.complex64), "e": torch.zeros(3).expand(2, 3)}
+    with pytest.raises(unickpt.InvalidStateError, match=r"'e' is an expanded view"):
+        unickpt.load(path, expanded)
 
 
 def test_pickled_entry_is_refused_without_allow_pickle_on_load(ckpt_root: str) -> None:

@@ -278,6 +278,12 @@ class LoadView:
                 f"tensor {key!r} is a conjugate or negative view (.conj(), .imag of one): "
                 "loading cannot write through it; load into the tensor it views"
             )
+        local = shard.local
+        if any(st == 0 and n > 1 for st, n in zip(local.stride(), local.shape, strict=True)):
+            raise InvalidStateError(
+                f"tensor {key!r} is an expanded view (elements share memory): loading cannot "
+                "fill it; load into a tensor of its own (e.g. .clone())"
+            )
         self.shards[key] = shard
 
     def add_object(self, key: str, setter: Setter) -> None:
