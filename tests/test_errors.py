@@ -542,6 +542,27 @@ def test_disk_full_while_writing_data(
 # ----------------------------------------------------------------------- safetensors interop
 
 
+def test_a_commit_failing_after_the_manifest_rename_leaves_nothing_visible(
+    ckpt: str, ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from unickpt.storage import local
+
+    published = local.fsync_dir
+
+    def fsync_dir(path: str) -> None:
+        if os.path.exists(os.path.join(path, "manifest.json")):  # renamed into place already
+            raise OSError(errno.EIO, "Input/output error")
+        published(path)
+
+    monkeypatch.setattr(local, "fsync_dir", fsync_dir)
+    path = os.path.join(ckpt_root, "step_13")
+    with pytest.raises(unickpt.StorageError, match=r"nothing was committed.*Input/output error"):
+        unickpt.save(path, state(), step=13)
+    with pytest.raises(unickpt.IncompleteCheckpointError):
+        unickpt.inspect(path)
+    assert_loads_bit_exact(ckpt)
+
+
 def test_data_files_are_standard_safetensors_matching_the_manifest(ckpt: str) -> None:
     manifest = unickpt.inspect(ckpt)
     expected = tensors()

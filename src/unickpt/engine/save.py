@@ -422,28 +422,33 @@ def mark_inflight(storage: Storage) -> None:
 
 
 def _plan(prepared: _Collected, comm: Comm) -> _Planned:
-    """The first collective (layout digests, the save id, every rank's local error), then the
-    plan: cached while the global layout stays the same, else built from every rank's shards."""
+    """The first collective (layout digests, the save id, every rank's local error, the plans
+    each rank has cached), then the plan: the cached one if every rank holds it, else one built
+    from every rank's shards. Ranks must agree, since building it takes a second collective;
+    their caches can differ (a reservation filling one in the background, evictions)."""
     with prepared.timer("plan"):
         error = prepared.error
+        cached = _PLANS.snapshot()
         hello = {
             "digest": prepared.digest,
             "uid": uuid.uuid4().hex[:12],
             "error": None if error is None else f"{type(error).__name__}: {error}",
+            "cached": sorted(cached),
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
         _raise_first_failure(replies, error, "save")
         global_digest = xxhash.xxh3_128_hexdigest("|".join(r["digest"] for r in replies).encode())
-        plan = _PLANS.get(global_digest)
-        cache_hit = plan is not None
-        if plan is None:
+        cache_hit = all(global_digest in r["cached"] for r in replies)
+        if cache_hit:
+            plan = cached[global_digest]
+        else:
             metas = json.dumps([m.to_json() for m in prepared.metas]).encode()
             per_rank = [
                 [ShardMeta.from_json(m) for m in json.loads(g)]
                 for g in comm.all_gather_bytes(metas)
             ]
             plan = build_save_plan(per_rank)
-            _PLANS.put(global_digest, plan)
+        _PLANS.put(global_digest, plan)  # the newest use, or a new plan
         layouts = file_layouts(plan.writes[comm.rank], plan)
     return _Planned(replies[0]["uid"], plan, cache_hit, layouts)
 
@@ -482,6 +487,11 @@ def _commit(
                     commit_manifest(storage, manifest)
                 except Exception as exc:
                     failed = {"message": f"{type(exc).__name__}: {exc}", "storage": True}
+                    # Publishing can fail after the manifest became visible (a directory fsync
+                    # after the rename): take it back, so that a failed save stays invisible.
+                    # It can only be this save's: the path held none when the save began.
+                    with contextlib.suppress(Exception):
+                        storage.delete(MANIFEST)
                 else:
                     with contextlib.suppress(Exception):  # committed; leftovers are only clutter
                         tidy(storage, manifest)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -126,20 +127,22 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
 
 
 class PlanCache:
-    """A few recent plans keyed by the digest of the global layout."""
+    """A few recent plans keyed by the digest of the global layout (thread-safe: background
+    saves and reservations plan on their own thread)."""
 
     def __init__(self, capacity: int = 8) -> None:
         self._plans: OrderedDict[str, SavePlan] = OrderedDict()
         self._capacity = capacity
+        self._lock = threading.Lock()
 
-    def get(self, digest: str) -> SavePlan | None:
-        plan = self._plans.get(digest)
-        if plan is not None:
-            self._plans.move_to_end(digest)
-        return plan
+    def snapshot(self) -> dict[str, SavePlan]:
+        """The plans held now, which later puts and evictions do not change."""
+        with self._lock:
+            return dict(self._plans)
 
     def put(self, digest: str, plan: SavePlan) -> None:
-        self._plans[digest] = plan
-        self._plans.move_to_end(digest)
-        while len(self._plans) > self._capacity:
-            self._plans.popitem(last=False)
+        with self._lock:
+            self._plans[digest] = plan
+            self._plans.move_to_end(digest)
+            while len(self._plans) > self._capacity:
+                self._plans.popitem(last=False)
