@@ -107,6 +107,54 @@ def test_restore_skips_a_corrupt_newest_checkpoint(
     assert "trying an older one" in caplog.text
 
 
+def _restore_past_one_ranks_bad_rng_row(rank: int, world_size: int, root: str) -> int | None:
+    manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
+    state = _state()
+    for step in (1, 2):
+        _train_step(state, step)
+        manager.maybe_save(step, state)
+    manager.close()
+    torch.distributed.barrier()
+    if rank == 0:  # bit rot in rank 1's RNG row: load() takes it as it is (no checksums asked)
+        newest = manager.list()[-1].path
+        (chunk,) = [c for c in unickpt.inspect(newest).tensors["__rng__"].chunks if c.offsets[0]]
+        with open(os.path.join(newest, chunk.file), "r+b") as f:
+            f.seek(chunk.offset)
+            f.write((7).to_bytes(8, "little"))  # the row's layout version
+    torch.distributed.barrier()
+    return CheckpointManager(root).restore(_state(seed=3))
+
+
+def test_every_rank_falls_back_when_one_cannot_restore_its_rng_states(ckpt_root: str) -> None:
+    # Rank 1's load succeeded and only its RNG restore failed: it used to wait in a collective
+    # that rank 0, already returned with step 2, never joined.
+    assert run_distributed(2, _restore_past_one_ranks_bad_rng_row, ckpt_root) == [1, 1]
+
+
+def _restore_with_a_failing_listing(rank: int, world_size: int, root: str) -> str:
+    CheckpointManager(root, every_n_steps=1, mode="sync").maybe_save(1, _state())
+    manager = CheckpointManager(root)
+    if rank == 0:
+
+        def fail() -> None:
+            raise RuntimeError("listing broke")
+
+        manager._listings = fail  # type: ignore[method-assign]
+    try:
+        manager.restore(_state())
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "restored"
+
+
+def test_a_listing_failure_on_rank_0_fails_restore_on_every_rank(ckpt_root: str) -> None:
+    results = run_distributed(2, _restore_with_a_failing_listing, ckpt_root)
+    assert results == [
+        "RuntimeError: listing broke",
+        "CheckpointError: listing the checkpoints failed on rank 0: RuntimeError: listing broke",
+    ]
+
+
 def test_empty_root_restores_nothing(ckpt_root: str) -> None:
     manager = CheckpointManager(ckpt_root)
     assert manager.restore(_state()) is None

@@ -497,13 +497,13 @@ class CheckpointManager:
             tier = self.tiers[index]
             manifest = self._agree_readable(tier, name)
             if manifest is not None:
+                step, error = None, None
                 try:
                     step = self._restore_from(tier, name, manifest, state, strict)
                 except Exception as exc:
-                    if not self._agree_fall_back(exc):
-                        raise
-                    problem: str = str(exc)
-                else:
+                    error = exc
+                problem = self._agree_restored(name, error)
+                if not problem:
                     log.info("unickpt: restored %s from %s", name, tier.url)
                     if index + 1 < len(self.tiers):
                         self._submit(name, None, source=index)
@@ -525,17 +525,26 @@ class CheckpointManager:
         them; the memory tier's uncommitted leftovers (a crashed save) are removed everywhere."""
         found: builtins.list[tuple[CheckpointInfo, int]] = []
         swept = False  # only with rank 0's full view of the memory tier's commits
+        error: Exception | None = None
         if self._comm.rank == 0:
-            listings = self._listings()
-            found = [(i, index) for index, listing in enumerate(listings) for i in listing or []]
-            found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
-            swept = self.tiers[0].memory and listings[0] is not None
+            try:
+                listings = self._listings()
+                found = [(i, n) for n, listing in enumerate(listings) for i in listing or []]
+                found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
+                swept = self.tiers[0].memory and listings[0] is not None
+            except Exception as exc:  # told to the peers first: they wait for the list
+                error = exc
         message: dict[str, Any] = {
             "candidates": [(i.name, index) for i, index in found],
             "sweep": swept,
+            "error": None if error is None else f"{type(error).__name__}: {error}",
         }
         if self._comm.world_size > 1:
             message = json.loads(self._comm.broadcast_bytes(json.dumps(message).encode()))
+        if error is not None:
+            raise error
+        if message["error"]:
+            raise CheckpointError(f"listing the checkpoints failed on rank 0: {message['error']}")
         ordered = [(str(n), int(i)) for n, i in message["candidates"]]
         if message["sweep"]:
             memory = self.tiers[0].storage
@@ -568,11 +577,25 @@ class CheckpointManager:
             return None
         return manifest
 
-    def _agree_fall_back(self, exc: Exception) -> bool:
-        """Whether every rank moves on to the next candidate after a failed load. The rank that
-        failed knows why; the others only know that load failed: any one's verdict counts."""
-        mine = b"1" if isinstance(exc, _FALL_BACK) else b"0"
-        return b"1" in self._comm.all_gather_bytes(mine)
+    def _agree_restored(self, name: str, error: Exception | None) -> str:
+        """Every rank's outcome of restoring ``name``, agreed: "" when every rank restored it,
+        else why not, when any rank's failure lets every rank move on to the next candidate
+        (a corrupt or unreadable checkpoint); otherwise every rank raises. Called by every
+        rank whatever its own outcome, so that none returns while a peer still waits."""
+        mine = {
+            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "fall_back": isinstance(error, _FALL_BACK),
+        }
+        votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
+        failed = [(rank, v) for rank, v in enumerate(votes) if v["error"]]
+        if not failed:
+            return ""
+        if any(v["fall_back"] for _, v in failed):
+            return "; ".join(f"rank {rank}: {v['error']}" for rank, v in failed)
+        if error is not None:
+            raise error
+        rank, vote = failed[0]
+        raise CheckpointError(f"restore of {name} failed on rank {rank}: {vote['error']}")
 
     def _restore_from(
         self, tier: Tier, name: str, manifest: Manifest, state: dict[str, Any], strict: bool
@@ -588,7 +611,13 @@ class CheckpointManager:
         result = load(tier.storage.child(name), full, strict=strict)
         if row is not None:
             if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
-                rng.restore(row[0])
+                try:
+                    rng.restore(row[0])
+                except Exception as exc:  # a row load() took as it is (no checksum asked)
+                    raise CorruptCheckpointError(
+                        f"{name} on {tier.url}: tensor {RNG_KEY!r}: the RNG states of rank "
+                        f"{self._comm.rank} cannot be restored: {type(exc).__name__}: {exc}"
+                    ) from exc
             else:
                 log.warning(
                     "unickpt: %s was saved at another world size; RNG states not restored", name

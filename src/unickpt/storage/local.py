@@ -285,8 +285,11 @@ class LocalStorage(Storage):
     def children(self) -> builtins.list[str]:
         if not os.path.isdir(self.root):
             return []
-        with os.scandir(self.root) as entries:  # symlinked directories are not ours to walk
-            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        try:
+            with os.scandir(self.root) as entries:  # symlinked directories are not ours to walk
+                return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError as exc:
+            raise _storage_error("list", self.url, exc) from exc
 
     def root_exists(self) -> bool:
         return os.path.isdir(self.root)
