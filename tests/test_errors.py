@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -149,6 +150,46 @@ def test_manifest_with_invalid_json(ckpt: str, reader: str) -> None:
         read_with(reader, ckpt)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"format": "unickpt", "version": 1, "step": 1' + b"7" * 5000 + b"}",
+        b'{"format": "unickpt", "version": 1, "objects": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["huge-integer", "deep-nesting"],
+)
+@pytest.mark.parametrize("reader", ["load", "inspect", "verify"])
+def test_manifest_json_that_python_cannot_parse_is_corrupt(
+    ckpt: str, reader: str, text: bytes
+) -> None:
+    write_manifest(ckpt, text)
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"manifest\.json is not valid JSON"):
+        read_with(reader, ckpt)
+
+
+def test_data_file_header_that_python_cannot_parse_is_corrupt(ckpt: str) -> None:
+    _, full = data_file(ckpt)
+    with open(full, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        f.write(b"[" * length)  # the header's bytes, all nesting
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"header of data file .* not valid"):
+        unickpt.verify(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("name", "reader"),
+    [("manifest.json", "load"), ("manifest.json", "inspect"), ("data", "load"), ("data", "verify")],
+)
+def test_a_fifo_in_the_checkpoint_is_refused_not_waited_on(
+    ckpt: str, reader: str, name: str
+) -> None:
+    path = os.path.join(ckpt, "manifest.json") if name == "manifest.json" else data_file(ckpt)[1]
+    os.replace(path, path + ".moved")
+    os.mkfifo(path)  # opening it for reading would block until someone writes
+    with pytest.raises(unickpt.CorruptCheckpointError, match="is not a regular file"):
+        read_with(reader, ckpt)
+
+
 def _first_chunk(doc: dict[str, Any]) -> dict[str, Any]:
     chunk: dict[str, Any] = doc["tensors"]["model.w"]["chunks"][0]
     return chunk
@@ -177,8 +218,32 @@ def _first_chunk(doc: dict[str, Any]) -> dict[str, Any]:
             "tensors['model.w'].chunks[0].nbytes: expected int, found bool",
         ),
         (lambda d: d["tensors"].update(steps=[]), "tensors['steps']: expected an object"),
+        (
+            lambda d: d["tensors"]["model.w"].update(shape=[1] * 65),
+            "tensors['model.w'].shape: 65 dimensions; at most 64",
+        ),
+        (
+            lambda d: d["tensors"]["model.w"].update(shape=[2**40, 2**40]),
+            "tensors['model.w'].shape: [1099511627776, 1099511627776] of float32 is too large",
+        ),
+        (
+            lambda d: d["files"].update({next(iter(d["files"])): 2**64}),
+            "expected a byte count",
+        ),
     ],
-    ids=["step", "files", "writer", "shape", "dtype", "offset", "nbytes", "tensor"],
+    ids=[
+        "step",
+        "files",
+        "writer",
+        "shape",
+        "dtype",
+        "offset",
+        "nbytes",
+        "tensor",
+        "65-dims",
+        "huge-shape",
+        "huge-file",
+    ],
 )
 def test_manifest_field_of_wrong_type_is_named(ckpt: str, mutate: Any, fragment: str) -> None:
     doc = read_manifest(ckpt)
@@ -188,6 +253,23 @@ def test_manifest_field_of_wrong_type_is_named(ckpt: str, mutate: Any, fragment:
         unickpt.inspect(ckpt)
     with pytest.raises(unickpt.CorruptCheckpointError, match=re.escape(fragment)):
         unickpt.load(ckpt, zeros())
+
+
+def test_streaming_reader_checks_file_sizes_before_allocating(ckpt: str) -> None:
+    from unickpt.engine.load import CheckpointReader
+
+    doc = read_manifest(ckpt)
+    entry = doc["tensors"]["model.w"]
+    (chunk,) = entry["chunks"]
+    entry["shape"] = chunk["sizes"] = [2**34, 4]  # 256 GiB of float32 claimed
+    chunk["nbytes"] = 2**34 * 4 * 4
+    doc["files"][chunk["file"]] = chunk["offset"] + chunk["nbytes"]
+    write_manifest(ckpt, doc)
+    with (
+        CheckpointReader(ckpt) as reader,
+        pytest.raises(unickpt.CorruptCheckpointError, match="the manifest says"),
+    ):
+        reader.read("model.w")
 
 
 @pytest.mark.parametrize(("field", "value"), [("version", 99), ("format", "torch.save")])

@@ -13,7 +13,6 @@ as ``unickpt.save(path, {"model": model})`` writes it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from unickpt.errors import (
 from unickpt.format.dtypes import is_known, safetensors_dtype, torch_dtype
 from unickpt.format.manifest import Manifest
 from unickpt.format.safetensors_file import read_header
+from unickpt.format.untrusted import parse_json
 from unickpt.storage import Reader, Storage, open_storage
 
 SINGLE_FILE = "model.safetensors"
@@ -184,10 +184,7 @@ def _read_index(storage: Storage) -> dict[str, str]:
                 f"{where} is {reader.size()} bytes, too large for an index"
             )
         raw = bytes(reader.read(0, reader.size()))
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{where} is not valid JSON: {exc}") from exc
+    doc = parse_json(raw, where)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -15,6 +15,7 @@ from unickpt.errors import (
     UnsupportedFormatError,
 )
 from unickpt.format.dtypes import is_known, itemsize
+from unickpt.format.untrusted import parse_json
 from unickpt.layout.box import Box, tiling_problem
 from unickpt.storage.base import Storage, check_relative_path
 
@@ -23,6 +24,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFLIGHT = "_inflight.json"  # present while a save is running (see docs/FORMAT.md, "gc")
 MAX_MANIFEST_BYTES = 1 << 30
+MAX_DIMS = 64  # dimensions of a tensor (numpy's and torch's limit)
+MAX_COUNT = 1 << 63  # bound of every count: elements, bytes, offsets, sizes (int64)
 _CHECKSUM = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -109,11 +112,7 @@ class Manifest:
     @staticmethod
     def from_json(text: bytes | str, *, where: str) -> Manifest:
         """Parse and validate; any defect raises CorruptCheckpointError naming what is wrong."""
-        try:
-            doc = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpointError(f"manifest {where} is not valid JSON: {exc}") from exc
-        return _Parser(where).manifest(doc)
+        return _Parser(where).manifest(parse_json(text, f"manifest {where}"))
 
 
 class _Parser:
@@ -136,9 +135,9 @@ class _Parser:
 
     def ints(self, value: Any, at: str) -> tuple[int, ...]:
         if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_COUNT for v in value
         ):
-            raise self.fail(at, "expected a list of non-negative integers")
+            raise self.fail(at, f"expected a list of integers in [0, {MAX_COUNT})")
         return tuple(value)
 
     def manifest(self, doc: Any) -> Manifest:
@@ -157,7 +156,7 @@ class _Parser:
         files: dict[str, int] = {}
         for name, size in self.get(doc, "files", dict, "").items():
             check_relative_path(name)
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < MAX_COUNT:
                 raise self.fail(f"files[{name!r}]", "expected a byte count")
             files[name] = size
         tensors = {
@@ -186,6 +185,10 @@ class _Parser:
         if not is_known(dtype):
             raise self.fail(at + ".dtype", f"unknown dtype {dtype!r}")
         shape = self.ints(self.get(doc, "shape", list, at + "."), at + ".shape")
+        if len(shape) > MAX_DIMS:
+            raise self.fail(at + ".shape", f"{len(shape)} dimensions; at most {MAX_DIMS}")
+        if math.prod(shape) * itemsize(dtype) >= MAX_COUNT:
+            raise self.fail(at + ".shape", f"{list(shape)} of {dtype} is too large for a tensor")
         encoding = doc.get("encoding", "raw")
         if encoding not in ("raw", "pickle"):
             raise self.fail(at + ".encoding", f"unknown encoding {encoding!r}")

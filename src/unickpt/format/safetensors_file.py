@@ -14,6 +14,7 @@ from typing import Any
 
 from unickpt.errors import CorruptCheckpointError
 from unickpt.format.dtypes import safetensors_dtype
+from unickpt.format.untrusted import parse_json
 from unickpt.storage.base import Reader
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
@@ -64,10 +65,7 @@ def read_header(reader: Reader, where: str) -> tuple[dict[str, Any], int]:
     (length,) = struct.unpack("<Q", bytes(reader.read(0, 8)))
     if length > MAX_HEADER_BYTES or 8 + length > size:
         raise CorruptCheckpointError(f"data file {where} has an invalid header length {length}")
-    try:
-        header = json.loads(bytes(reader.read(8, length)))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"data file {where} has a malformed header: {exc}") from exc
+    header = parse_json(bytes(reader.read(8, length)), f"the header of data file {where}")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"data file {where} has a malformed header: not an object")
     return header, 8 + length

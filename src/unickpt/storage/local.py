@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import uuid
 
 from unickpt.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
@@ -177,12 +178,17 @@ class _LocalReader(Reader):
     def __init__(self, path: str, where: str) -> None:
         self._where = where
         try:
-            self._fd = os.open(path, os.O_RDONLY)
-            self._size = os.fstat(self._fd).st_size
+            # Non-blocking: opening a FIFO planted in a checkpoint would otherwise wait forever.
+            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            status = os.fstat(self._fd)
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(f"data file {where} is missing") from exc
         except OSError as exc:
             raise _storage_error("open", where, exc) from exc
+        if not stat.S_ISREG(status.st_mode):
+            os.close(self._fd)
+            raise CorruptCheckpointError(f"{where} is not a regular file")
+        self._size = status.st_size
 
     def size(self) -> int:
         return self._size
