@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import pathlib
 import random
 import time
 
@@ -153,6 +156,44 @@ def test_a_listing_failure_on_rank_0_fails_restore_on_every_rank(ckpt_root: str)
         "RuntimeError: listing broke",
         "CheckpointError: listing the checkpoints failed on rank 0: RuntimeError: listing broke",
     ]
+
+
+def _reshape_rng_entry(path: str, shape: list[int]) -> None:
+    """Give the RNG entry of ``path`` another shape, its one chunk still tiling it."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        doc = json.load(f)
+    entry = doc["tensors"]["__rng__"]
+    (chunk,) = entry["chunks"]
+    entry["shape"] = chunk["sizes"] = shape
+    chunk["offsets"] = [0] * len(shape)
+    chunk["nbytes"] = 8 * math.prod(shape)
+    doc["files"] = {name: 1 << 62 for name in doc["files"]}  # chunks must lie inside them
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(doc, f)
+
+
+@pytest.mark.parametrize("shape", [[0, 5], [5], [1, 2**40]], ids=["no-rank", "1-d", "huge"])
+def test_restore_falls_back_past_a_malformed_rng_entry(ckpt_root: str, shape: list[int]) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, {"w": torch.full((4,), float(step))})
+    _reshape_rng_entry(manager.list()[-1].path, shape)
+    target = {"w": torch.zeros(4)}
+    assert CheckpointManager(ckpt_root).restore(target) == 1
+    assert torch.equal(target["w"], torch.full((4,), 1.0))
+
+
+def test_one_unsafe_checkpoint_directory_does_not_hide_the_others(
+    ckpt_root: str, tmp_path: pathlib.Path
+) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="sync")
+    manager.maybe_save(1, {"w": torch.ones(2)})
+    planted = os.path.join(ckpt_root, CheckpointManager.name_for(9))
+    os.makedirs(planted)
+    (tmp_path / "manifest.json").write_text("{}")
+    os.symlink(tmp_path / "manifest.json", os.path.join(planted, "manifest.json"))
+    assert [info.step for info in CheckpointManager(ckpt_root).list()] == [1]
+    assert CheckpointManager(ckpt_root).restore({"w": torch.zeros(2)}) == 1
 
 
 def test_empty_root_restores_nothing(ckpt_root: str) -> None:

@@ -253,6 +253,10 @@ class CheckpointReader:
         if meta.encoding != "raw":
             raise UnsafeCheckpointError(f"entry {key!r} is a pickled object, not a tensor")
         dtype = torch_dtype(meta.dtype)
+        # Files first: their sizes, checked against the manifest, bound what a crafted shape
+        # could make us allocate.
+        for name in sorted({chunk.file for chunk in meta.chunks} - self._readers.keys()):
+            self._readers[name] = _open_checked(self.storage, self.manifest, name)
         if out is None:
             out = torch.empty(meta.shape, dtype=dtype)
         elif tuple(out.shape) != meta.shape or out.dtype != dtype:
@@ -264,10 +268,6 @@ class CheckpointReader:
             (r, shard, meta)
             for r in plan_target_reads(shard.box, meta.chunks, dtype.itemsize, whole=self.verify)
         ]
-        for job in jobs:
-            name = job[0].chunk.file
-            if name not in self._readers:
-                self._readers[name] = _open_checked(self.storage, self.manifest, name)
         jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))
         with torch.no_grad():
             for batch in _batches(jobs, self.verify):

@@ -44,6 +44,7 @@ log = logging.getLogger("unickpt")
 
 LATEST = "latest"
 RNG_KEY = "__rng__"
+_MAX_RNG_WORDS = 1 << 20  # a row is ~1.3k words (+ 2 per CUDA device); far more is corrupt
 # Failures that make restore try the next candidate; anything else (a state that does not
 # match, a refused pickle) is the caller's to fix and raises.
 _FALL_BACK = (
@@ -354,7 +355,7 @@ class CheckpointManager:
         key = (index, name)
         if key not in self._infos:
             tier = self.tiers[index]
-            try:
+            try:  # one bad directory (corrupt, incomplete, a symlink out) is not the tier's
                 manifest = read_manifest(tier.storage.child(name))
             except CheckpointError:
                 return None
@@ -373,7 +374,7 @@ class CheckpointManager:
         storage = self.tiers[index].storage
         infos = []
         for name in storage.children():
-            if storage.exists(f"{name}/{MANIFEST}") and (info := self._info(index, name)):
+            if info := self._info(index, name):
                 infos.append(info)
         return sorted(infos, key=_order)
 
@@ -604,6 +605,16 @@ class CheckpointManager:
         saved_rng = manifest.tensors.get(RNG_KEY)
         row = None
         if saved_rng is not None:
+            if (
+                len(saved_rng.shape) != 2
+                or saved_rng.dtype != "int64"
+                or saved_rng.shape[0] < 1
+                or not 1 <= saved_rng.shape[1] <= _MAX_RNG_WORDS
+            ):
+                raise CorruptCheckpointError(
+                    f"{name} on {tier.url}: tensor {RNG_KEY!r} is {saved_rng.dtype} of shape "
+                    f"{list(saved_rng.shape)}, not one row of RNG states per rank"
+                )
             world, length = saved_rng.shape
             rank = self._comm.rank % world
             row = torch.empty((1, length), dtype=torch.int64)
