@@ -8,8 +8,13 @@ at most 5% more bytes than the target holds.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from unickpt.format.manifest import Chunk
+from unickpt.layout import box as box_module
 from unickpt.layout.box import Box, contiguous_runs, row_major_strides, tiling_problem
 from unickpt.plan.load_plan import (
     MAX_SPAN_WASTE,
@@ -278,22 +284,285 @@ def diagonal_tiling(rows: int) -> list[Box]:
     return boxes
 
 
-def test_pathological_cut_patterns_use_pairwise_check() -> None:
+def test_diagonal_cut_patterns_are_checked() -> None:
     rows = 44
     shape = (rows, rows + 1, rows + 1, rows + 1)
     boxes = diagonal_tiling(rows)
     cells = math.prod(len({b.offsets[d] for b in boxes}) for d in range(4))
-    assert cells > 4_000_000, "the claims grid must be too large to build"
+    assert cells > 4_000_000, "the claims grid would be too large to build"
     assert tiling_problem(boxes, shape) is None
     # Slide row 0's second piece onto its first: volumes still add up, the two overlap.
     boxes[1] = Box.of((0, 0, 0, 0), boxes[1].sizes)
-    problem = tiling_problem(boxes, shape)
-    assert problem == f"chunks {boxes[0]} and {boxes[1]} overlap"
+    assert tiling_problem(boxes, shape) == "chunks overlap"
 
 
 def test_chunk_outside_the_shape_is_named() -> None:
     problem = tiling_problem([Box.of((0,), (4,)), Box.of((4,), (2,))], (5,))
     assert problem == "chunk [4:6] lies outside shape [5]"
+
+
+# The two ways `tiling_problem` decides once volumes add up: claims on the grid of cut points,
+# and the linear check at a random point it uses when that grid is too large (forced here).
+METHODS = {"grid": box_module.MAX_GRID_CELLS, "random point": 0}
+
+
+@contextmanager
+def deciding_by(method: str) -> Iterator[None]:
+    with mock.patch.object(box_module, "MAX_GRID_CELLS", METHODS[method]):
+        yield
+
+
+@contextmanager
+def without_randomized_check() -> Iterator[None]:
+    with mock.patch.object(
+        box_module,
+        "_covers_once_at_random_point",
+        side_effect=AssertionError("randomized check"),
+    ):
+        yield
+
+
+def tiles(boxes: list[Box], shape: tuple[int, ...]) -> bool:
+    """Brute-force reference: at least one chunk, and every element claimed exactly once."""
+    if not boxes or not all(b.within(shape) for b in boxes):
+        return False
+    claims = np.zeros(shape, dtype=np.int64)
+    for b in boxes:
+        claims[b.slices()] += 1
+    return bool((claims == 1).all())
+
+
+small_shapes = st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple)
+
+
+@st.composite
+def split_tiling(draw: st.DrawFn, shape: tuple[int, ...], max_boxes: int = 24) -> list[Box]:
+    """A tiling by recursive random cuts: neighbours need not share whole faces, unlike a grid."""
+    done, todo = [], [Box.full(shape)]
+    while todo:
+        box = todo.pop()
+        cuttable = [d for d, s in enumerate(box.sizes) if s > 1]
+        if not cuttable or len(done) + len(todo) >= max_boxes or not draw(st.booleans()):
+            done.append(box)
+            continue
+        d = draw(st.sampled_from(cuttable))
+        at = draw(st.integers(1, box.sizes[d] - 1))
+        for lo, size in ((0, at), (at, box.sizes[d] - at)):
+            offsets, sizes = list(box.offsets), list(box.sizes)
+            offsets[d] += lo
+            sizes[d] = size
+            todo.append(Box.of(offsets, sizes))
+    return draw(st.permutations(done))
+
+
+@st.composite
+def perturbed(draw: st.DrawFn, boxes: list[Box], shape: tuple[int, ...]) -> list[Box]:
+    """``boxes`` with one of them shifted, resized or moved anywhere (which keeps the volume)."""
+    boxes = list(boxes)
+    i = draw(st.integers(0, len(boxes) - 1))
+    offsets, sizes = list(boxes[i].offsets), list(boxes[i].sizes)
+    d = draw(st.integers(0, len(shape) - 1))
+    delta = draw(st.sampled_from([-2, -1, 1, 2]))
+    match draw(st.sampled_from(["shift", "resize", "move"])):
+        case "shift":
+            offsets[d] += delta
+        case "resize":
+            sizes[d] = max(0, sizes[d] + delta)
+        case "move":
+            offsets = [draw(st.integers(0, n - s)) for n, s in zip(shape, sizes, strict=True)]
+    boxes[i] = Box.of(offsets, sizes)
+    return boxes
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_random_tilings_are_accepted(method: str, data: st.DataObject) -> None:
+    shape = data.draw(small_shapes)
+    boxes = data.draw(split_tiling(shape))
+    assert tiles(boxes, shape)
+    with deciding_by(method):
+        assert tiling_problem(boxes, shape) is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_perturbed_tilings_match_brute_force(method: str, data: st.DataObject) -> None:
+    shape = data.draw(small_shapes)
+    boxes = data.draw(perturbed(data.draw(split_tiling(shape)), shape))
+    with deciding_by(method):
+        problem = tiling_problem(boxes, shape)
+    assert (problem is None) == tiles(boxes, shape), f"{[str(b) for b in boxes]}: {problem}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_random_box_sets_match_brute_force(method: str, data: st.DataObject) -> None:
+    shape = data.draw(shapes)
+    boxes = data.draw(st.lists(sub_box(shape), max_size=6))
+    if data.draw(st.booleans(), label="pad to the full volume"):
+        # A box of the missing volume along the first dimension, so that the volumes add up.
+        missing = math.prod(shape) - sum(b.volume for b in boxes)
+        rest = math.prod(shape[1:])
+        assume(shape and missing > 0 and rest and missing % rest == 0)
+        boxes.append(Box.of((0,) * len(shape), (missing // rest, *shape[1:])))
+    with deciding_by(method):
+        problem = tiling_problem(boxes, shape)
+    assert (problem is None) == tiles(boxes, shape), f"{[str(b) for b in boxes]}: {problem}"
+
+
+def pinwheel() -> list[Box]:
+    """The smallest tiling no straight cut separates: four bars around a centre cell."""
+    return [
+        Box.of(o, s)
+        for o, s in [
+            ((0, 0), (2, 1)),
+            ((2, 0), (1, 2)),
+            ((1, 2), (2, 1)),
+            ((0, 1), (1, 2)),
+            ((1, 1), (1, 1)),
+        ]
+    ]
+
+
+def corner_and_chain(ndim: int) -> list[Box]:
+    """A tiling of (3,) * ndim: the corner [0:2]**ndim, then box j has coordinate 2 in dim j and
+    below 2 in the dims before. No two pieces share a whole face; its grid has 2**ndim cells."""
+    boxes = [Box.of((0,) * ndim, (2,) * ndim)]
+    for j in range(ndim):
+        offsets = (0,) * j + (2,) + (0,) * (ndim - j - 1)
+        boxes.append(Box.of(offsets, (2,) * j + (1,) + (3,) * (ndim - j - 1)))
+    return boxes
+
+
+def product(a: list[Box], b: list[Box]) -> list[Box]:
+    return [Box(x.offsets + y.offsets, x.sizes + y.sizes) for x in a for y in b]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("boxes", "shape"),
+    [
+        (pinwheel(), (3, 3)),
+        (product(pinwheel(), [Box.of((0,), (1,)), Box.of((1,), (2,))]), (3, 3, 3)),
+        (product(pinwheel(), pinwheel()), (3, 3, 3, 3)),
+        (corner_and_chain(6), (3,) * 6),
+    ],
+    ids=["pinwheel", "pinwheel x split", "pinwheel x pinwheel", "corner and chain"],
+)
+def test_tilings_without_straight_cuts(
+    boxes: list[Box], shape: tuple[int, ...], method: str
+) -> None:
+    with deciding_by(method):
+        assert tiling_problem(boxes, shape) is None
+        for i, box in enumerate(boxes):  # every piece moved by one, every way that stays inside
+            for d in range(len(shape)):
+                for delta in (-1, 1):
+                    offsets = list(box.offsets)
+                    offsets[d] += delta
+                    moved = [*boxes[:i], Box.of(offsets, box.sizes), *boxes[i + 1 :]]
+                    if moved[i].within(shape):
+                        assert tiling_problem(moved, shape) == "chunks overlap"
+
+
+def flat_shard(shape: tuple[int, ...], start: int, stop: int) -> list[Box]:
+    """Elements [start, stop) of the row-major flattening of ``shape`` as few boxes (FSDP-style)."""
+    if start >= stop:
+        return []
+    if not shape:
+        return [Box.of((), ())]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+
+    def rows(row: int, lo: int, hi: int) -> list[Box]:
+        return [
+            Box((row, *b.offsets), (1, *b.sizes))
+            for b in flat_shard(shape[1:], lo - row * inner, hi - row * inner)
+        ]
+
+    if first == last:
+        return rows(first, start, stop)
+    head = rows(first, start, (first + 1) * inner) if start % inner else []
+    tail = rows(last, last * inner, stop) if stop % inner else []
+    full_from, full_to = first + bool(head), last + 1 - bool(tail)
+    middle = [Box.of((full_from, *(0 for _ in shape[1:])), (full_to - full_from, *shape[1:]))]
+    return head + (middle if full_to > full_from else []) + tail
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=5).map(tuple), data=st.data())
+def test_flat_shards_are_decided_exactly(shape: tuple[int, ...], data: st.DataObject) -> None:
+    total = math.prod(shape)
+    cuts = sorted(data.draw(st.sets(st.integers(1, total - 1), max_size=12)) if total > 1 else [])
+    bounds = [0, *cuts, total]
+    boxes = [b for lo, hi in itertools.pairwise(bounds) for b in flat_shard(shape, lo, hi)]
+    assert tiles(boxes, shape)
+    with without_randomized_check():
+        assert tiling_problem(boxes, shape) is None
+
+
+def staircase(rows: int) -> list[Box]:
+    """The audit's manifest: row r of a (rows, rows + 1) tensor cut at column r + 1."""
+    width = rows + 1
+    return [
+        Box((r, o), (1, s)) for r in range(rows) for o, s in ((0, r + 1), (r + 1, width - r - 1))
+    ]
+
+
+def columns_and_rows(k: int) -> list[Box]:
+    """k full-height columns beside k single rows: every column stays in view of every row."""
+    return [Box((0, j), (k, 1)) for j in range(k)] + [Box((i, k), (1, k)) for i in range(k)]
+
+
+def grid_of(shape: tuple[int, ...], pieces: tuple[int, ...]) -> list[Box]:
+    """A DTensor-style grid: dim d cut into pieces[d] near-equal parts."""
+    axes = [
+        [(n * i // p, n * (i + 1) // p) for i in range(p)]
+        for n, p in zip(shape, pieces, strict=True)
+    ]
+    return [
+        Box(tuple(lo for lo, _ in cell), tuple(hi - lo for lo, hi in cell))
+        for cell in itertools.product(*axes)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("boxes", "shape", "exact"),
+    [
+        (staircase(4000), (4000, 4001), False),
+        (columns_and_rows(3000), (3000, 6000), False),
+        (grid_of((4096, 4096), (64, 64)), (4096, 4096), True),
+        (grid_of((64, 64, 64, 64), (8, 8, 4, 4)), (64, 64, 64, 64), True),
+        (grid_of((2,) * 12, (2,) * 12), (2,) * 12, True),
+    ],
+    ids=["staircase", "columns and rows", "grid", "4-d grid", "12-d binary grid"],
+)
+def test_large_layouts_are_checked_in_near_linear_time(
+    boxes: list[Box], shape: tuple[int, ...], exact: bool
+) -> None:
+    """Guards against quadratic behaviour (the audit's staircase took minutes), not a benchmark;
+    DTensor-style grids are still decided exactly."""
+    start = time.perf_counter()
+    with without_randomized_check() if exact else contextlib.nullcontext():
+        assert tiling_problem(boxes, shape) is None
+    # Slide the second piece onto the first: the volumes still add up.
+    slid = [boxes[0], Box(boxes[0].offsets, boxes[1].sizes), *boxes[2:]]
+    assert tiling_problem(slid, shape) == "chunks overlap"
+    assert time.perf_counter() - start < 2
+
+
+def test_crafted_high_dimensional_layouts_are_checked_in_linear_time() -> None:
+    chain = corner_and_chain(64)
+    staircase_x_chain = product(staircase(100), corner_and_chain(20))
+    start = time.perf_counter()
+    assert tiling_problem(chain, (3,) * 64) is None
+    assert tiling_problem(staircase_x_chain, (100, 101, *(3,) * 20)) is None
+    # Slide the last piece of the chain down by one, into the corner.
+    chain[-1] = Box.of((0,) * 63 + (1,), chain[-1].sizes)
+    assert tiling_problem(chain, (3,) * 64) == "chunks overlap"
+    assert time.perf_counter() - start < 2
 
 
 # ------------------------------------------------------------------------- boxes and runs
