@@ -20,7 +20,9 @@ import torch
 from typer.testing import CliRunner, Result
 
 import unickpt
-from unickpt.cli.main import app
+from unickpt.cli.main import _size, app
+from unickpt.errors import StorageError
+from unickpt.format.manifest import Manifest, TensorMeta
 
 from dist_harness import run_distributed
 
@@ -227,3 +229,54 @@ def test_gc_accepts_checkpoint_names_with_colons(ckpt_root: str) -> None:
     assert result.exit_code == 0, repr(result.exception)
     assert result.stdout.strip() == "nothing to collect"
     unickpt.verify(committed)
+
+
+SIZES = [
+    (0, "0 B"),
+    (1023, "1023 B"),
+    (1024, "1.0 KiB"),
+    (1280, "1.2 KiB"),  # 1.25: half to even, as before
+    (1024**2 - 1, "1024.0 KiB"),
+    (3 * 1024**4, "3.0 TiB"),
+    (2**70 - 1, "1024.0 EiB"),
+    (2**70, ">= 2^70 B"),
+    (10**320, ">= 2^1063 B"),  # beyond any float: float(n) raised OverflowError
+]
+
+
+@pytest.mark.parametrize(("nbytes", "shown"), SIZES, ids=[shown for _, shown in SIZES])
+def test_sizes_are_formatted_with_integer_arithmetic(nbytes: int, shown: str) -> None:
+    assert _size(nbytes) == shown
+
+
+def test_inspect_prints_absurd_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The manifest parser bounds sizes; the table must not depend on it to stay up.
+    huge = TensorMeta("float32", (10**160, 10**160), [])
+    manifest = Manifest({"w": huge}, files={"data/f.safetensors": 10**330})
+    monkeypatch.setattr("unickpt.cli.main.inspect", lambda path: manifest)
+    result = invoke("inspect", "ckpt")
+    assert result.exit_code == 0, repr(result.exception)
+    assert ">= 2^1096 B in 1 file(s)" in result.stdout.splitlines()[0], result.stdout
+    assert ">= 2^1065 B" in result.stdout, result.stdout
+
+
+def test_names_are_printed_verbatim_not_as_markup(tmp_path: pathlib.Path) -> None:
+    path = os.fspath(tmp_path / "run[/]")
+    unickpt.save(path, {"w[/]": torch.zeros(2), "cfg": {"note": "[bold]x[/]"}})
+    result = invoke("inspect", path)
+    assert result.exit_code == 0, repr(result.exception)
+    assert result.stdout.startswith(f"{path}  step=None"), result.stdout
+    assert "w[/]" in result.stdout and '"[bold]x[/]"' in result.stdout, result.stdout
+    missing = invoke("inspect", path + "-missing")
+    assert missing.exit_code == 1, repr(missing.exception)
+    assert missing.stderr == f"ERROR: no checkpoint at {path}-missing\n", missing.stderr
+
+
+def test_gc_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise StorageError("cannot list s3://bucket/run: access denied")
+
+    monkeypatch.setattr("unickpt.cli.main.collect_garbage", fail)
+    result = invoke("gc", "s3://bucket/run")
+    assert result.exit_code == 1, repr(result.exception)
+    assert result.stderr == "ERROR: cannot list s3://bucket/run: access denied\n", result.stderr

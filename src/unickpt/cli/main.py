@@ -9,6 +9,7 @@ from enum import Enum
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -37,22 +38,36 @@ app = typer.Typer(
     "export to Hugging Face.",
 )
 # soft_wrap: long paths and messages stay on one line in logs instead of being cut at 80 columns.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# No markup or emoji codes by default: paths, tensor names and error messages come from
+# checkpoints, and a "[/]" in one made rich raise instead of printing it. Styled lines opt in
+# with markup=True and escape() what they quote.
+out = Console(soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
 def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+    """``n`` bytes in the largest binary unit it fills, to one decimal: "8.0 KiB".
+
+    Integer arithmetic throughout: a manifest can claim more bytes than a float holds.
+    """
+    if n < 1024:
+        return f"{n} B"
+    exponent = (n.bit_length() - 1) // 10
+    if exponent >= len(_UNITS):  # a zebibyte or more: only the order of magnitude means anything
+        return f">= 2^{n.bit_length() - 1} B"
+    unit = 1024**exponent
+    tenths, rest = divmod(n * 10, unit)
+    if 2 * rest > unit or (2 * rest == unit and tenths % 2):  # half to even, as format() rounds
+        tenths += 1
+    return f"{tenths // 10}.{tenths % 10} {_UNITS[exponent]}"
 
 
 def _fail(exc: CheckpointError) -> typer.Exit:
     label = "INCOMPLETE" if isinstance(exc, IncompleteCheckpointError) else "ERROR"
-    err.print(f"[bold red]{label}[/]: {exc}", markup=True, highlight=False)
+    err.print(f"[bold red]{label}[/]: {escape(str(exc))}", markup=True, highlight=False)
     return typer.Exit(1)
 
 
@@ -86,9 +101,13 @@ def inspect_cmd(
         return
     writer = manifest.writer
     out.print(
-        f"[bold]{path}[/]  step={manifest.step}  format v{manifest.version}  "
-        f"{_size(manifest.total_bytes)} in {len(manifest.files)} file(s)  "
-        f"written by world_size={writer.get('world_size')} meshes={writer.get('meshes')}",
+        f"[bold]{escape(path)}[/]  "
+        + escape(
+            f"step={manifest.step}  format v{manifest.version}  "
+            f"{_size(manifest.total_bytes)} in {len(manifest.files)} file(s)  "
+            f"written by world_size={writer.get('world_size')} meshes={writer.get('meshes')}"
+        ),
+        markup=True,
         highlight=False,
     )
     table = Table(show_lines=False)
@@ -135,7 +154,10 @@ def gc_cmd(
     ),
 ) -> None:
     """Delete never-committed checkpoints under ROOT; committed ones are never touched."""
-    entries = collect_garbage(root, dry_run=dry_run, min_age=min_age)
+    try:
+        entries = collect_garbage(root, dry_run=dry_run, min_age=min_age)
+    except CheckpointError as exc:
+        raise _fail(exc) from exc
     if not entries:
         out.print("nothing to collect")
     for entry in entries:

@@ -1,19 +1,37 @@
-"""Remove checkpoints that were never committed (never committed ones are never touched)."""
+"""Remove checkpoints that were never committed (committed ones are never touched).
+
+A checkpoint root may hold directories copied or extracted from elsewhere, so anything in one of
+them, its in-flight marker above all, may be corrupt or crafted: none of it may crash gc or stop
+it from collecting the other directories.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
+import logging
 import os
+import reprlib
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from unickpt.errors import CheckpointError
 from unickpt.format.manifest import INFLIGHT, MANIFEST
-from unickpt.storage import Storage, open_storage
+from unickpt.format.untrusted import parse_json
+from unickpt.storage import LocalStorage, Storage, open_storage
+
+log = logging.getLogger("unickpt")
 
 DATA_SUFFIX = ".safetensors"
+# A marker unickpt writes is about 100 bytes; reading a huge one would only exhaust memory.
+MAX_MARKER_BYTES = 64 * 1024
+# The largest C pid_t. Larger ids overflow os.kill; 0 and negative ones address process groups
+# (kill(-1, 0) succeeds while any process lives), so none of these names a saver.
+MAX_PID = 2**31 - 1
+# How far ahead of ours another host's clock may plausibly be. A save said to start later than
+# this would otherwise look young forever and pin its garbage.
+MAX_CLOCK_SKEW = 600.0
 
 
 @dataclass
@@ -23,6 +41,10 @@ class GcEntry:
     name: str
     removed: bool
     reason: str
+
+
+class _UntrustedMarker(Exception):
+    """The in-flight marker cannot be read or does not say who is saving; the message says why."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -39,20 +61,118 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _in_progress(sub: Storage, min_age: float) -> str | None:
-    """Why ``sub`` may still be being written, or None if it is abandoned."""
-    if not sub.exists(INFLIGHT):
+def _read_marker(sub: Storage) -> dict[str, Any] | None:
+    """The in-flight marker of ``sub`` as a JSON object, None if it has none.
+
+    Raises _UntrustedMarker if it is not a regular file inside ``sub``, too large, or no object.
+    """
+    try:
+        if not sub.exists(INFLIGHT):
+            return None
+        with sub.open_reader(INFLIGHT) as reader:  # refuses symlinks out, FIFOs, devices
+            size = reader.size()
+            if size > MAX_MARKER_BYTES:
+                raise _UntrustedMarker(f"{size} bytes, more than {MAX_MARKER_BYTES}")
+            doc = parse_json(bytes(reader.read(0, size)), INFLIGHT)
+    except CheckpointError as exc:
+        raise _UntrustedMarker(str(exc)) from exc
+    if not isinstance(doc, dict):
+        raise _UntrustedMarker("not a JSON object")
+    return doc
+
+
+def _pid(value: Any) -> int:
+    """``value`` if it is a process id; raises _UntrustedMarker."""
+    if type(value) is not int or not 0 < value <= MAX_PID:  # type(): True is no process id
+        raise _UntrustedMarker(f"pid {reprlib.repr(value)} is not a process id")
+    return value
+
+
+def _started(value: Any, now: _dt.datetime) -> _dt.datetime:
+    """``value`` as an aware time, at most MAX_CLOCK_SKEW after ``now``; raises _UntrustedMarker."""
+    try:
+        when = _dt.datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise _UntrustedMarker(f"started {reprlib.repr(value)} is not an ISO-8601 time")
+    if when.tzinfo is None:  # unickpt writes UTC; a writer that left the zone out meant it too
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    if (when - now).total_seconds() > MAX_CLOCK_SKEW:
+        raise _UntrustedMarker(f"started {reprlib.repr(value)} is in the future")
+    return when
+
+
+def _marker_mtime(sub: Storage) -> float | None:
+    """When ``sub``'s marker file itself (not a file it links to) was last written, if known.
+
+    Only local storage is asked: the Storage interface has no modification times.
+    """
+    if not isinstance(sub, LocalStorage):
         return None
     try:
-        marker = json.loads(sub.read(INFLIGHT))
-        host, pid = str(marker["host"]), int(marker["pid"])
-        started = _dt.datetime.fromisoformat(str(marker["started"]))
-    except (ValueError, KeyError, TypeError):
+        return os.lstat(os.path.join(sub.root, INFLIGHT)).st_mtime
+    except OSError:  # gone since it was read: the next run will see why
         return None
+
+
+def _saver(sub: Storage, min_age: float, now: _dt.datetime) -> str | None:
+    """Why ``sub``'s marker says its saver may be at work, or None if it has none or is done.
+
+    Only what the decision needs must be well-formed: the pid of a saver on this host, the
+    start of one on another. Raises _UntrustedMarker.
+    """
+    marker = _read_marker(sub)
+    if marker is None:
+        return None
+    host = marker.get("host")
+    if not isinstance(host, str):
+        raise _UntrustedMarker(f"host {reprlib.repr(host)} is not a string")
     if host == socket.gethostname():
+        pid = _pid(marker.get("pid"))
         return f"save in progress (pid {pid} alive)" if _pid_alive(pid) else None
-    age = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
+    age = (now - _started(marker.get("started"), now)).total_seconds()
     return f"save started {age:.0f}s ago on {host}" if age < min_age else None
+
+
+def _in_progress(sub: Storage, min_age: float) -> str | None:
+    """Why ``sub`` may still be being written, or None if it is abandoned."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    try:
+        return _saver(sub, min_age, now)
+    except _UntrustedMarker as exc:
+        # unickpt publishes its marker atomically and never rewrites it, so a live unickpt saver
+        # never leaves one like this; still, some other writer may be behind it. The marker's
+        # own file age stands in for its start: the grace a save on another host gets.
+        mtime = _marker_mtime(sub)
+        if mtime is None:
+            return f"untrusted in-flight marker ({exc}) of unknown age"
+        age = now.timestamp() - mtime
+        return (
+            f"untrusted in-flight marker ({exc}) written {age:.0f}s ago" if age < min_age else None
+        )
+
+
+def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEntry | None:
+    """Delete the directory ``name`` if it is an abandoned checkpoint; None if not one at all."""
+    sub = storage.child(name)
+    files = sub.list()
+    if MANIFEST in files:
+        return None
+    if not files:  # a save that died before writing anything, or a stray empty directory
+        if dry_run:
+            return GcEntry(name, False, "dry run (empty)")
+        return GcEntry(name, True, "empty") if storage.remove_if_empty(name) else None
+    if INFLIGHT not in files and not any(f.endswith(DATA_SUFFIX) or ".tmp-" in f for f in files):
+        return None  # not a checkpoint: leave other people's files alone
+    busy = _in_progress(sub, min_age)
+    # A saver publishes its manifest before it deletes its marker, so a save that committed
+    # since the listing, its marker gone, shows its manifest now.
+    if busy is None and sub.exists(MANIFEST):
+        return None
+    if busy is None and not dry_run:
+        storage.delete_prefix(name)
+    return GcEntry(name, busy is None and not dry_run, busy or ("dry run" if dry_run else ""))
 
 
 def collect_garbage(
@@ -66,29 +186,20 @@ def collect_garbage(
 
     A directory is a checkpoint if it holds ``manifest.json``, an in-flight marker or data files.
     Committed ones (with a manifest) are never touched. An incomplete one is kept while its saver
-    is alive (same host) or, for a saver on another host, younger than ``min_age`` seconds.
+    is alive (same host) or, for a saver on another host, younger than ``min_age`` seconds. A
+    marker that cannot be read or makes no sense (a bad pid, a start in the future) names no
+    saver: the checkpoint is kept until the marker file is ``min_age`` seconds old, and for good
+    where the storage cannot tell a file's age. A directory gc fails on is reported as kept, with
+    the error as the reason, and the others are still collected.
     """
     storage = open_storage(root, storage_options)
     out = []
     for name in storage.children():
-        sub = storage.child(name)
-        files = sub.list()
-        if MANIFEST in files:
-            continue
-        if not files:  # a save that died before writing anything, or a stray empty directory
-            if dry_run:
-                out.append(GcEntry(name, False, "dry run (empty)"))
-            elif storage.remove_if_empty(name):
-                out.append(GcEntry(name, True, "empty"))
-            continue
-        if INFLIGHT not in files and not any(
-            f.endswith(DATA_SUFFIX) or ".tmp-" in f for f in files
-        ):
-            continue  # not a checkpoint: leave other people's files alone
-        busy = _in_progress(sub, min_age)
-        if busy is None and not dry_run:
-            storage.delete_prefix(name)
-        out.append(
-            GcEntry(name, busy is None and not dry_run, busy or ("dry run" if dry_run else ""))
-        )
+        try:
+            entry = _collect(storage, name, dry_run, min_age)
+        except CheckpointError as exc:
+            log.warning("unickpt gc: skipped %s: %s", storage.describe(name), exc)
+            entry = GcEntry(name, False, f"error: {exc}")
+        if entry is not None:
+            out.append(entry)
     return out
