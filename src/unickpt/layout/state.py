@@ -55,6 +55,18 @@ def _non_str_keys(value: object) -> list[object]:
     return []
 
 
+def _not_json(value: object) -> str:
+    """Why ``value`` cannot be saved as JSON, for an error message."""
+    fix = "pass allow_pickle=True to save (and load) it with pickle"
+    if _is_json(value):
+        key = _non_str_keys(value)[0]
+        return (
+            f"holds a dict with key {key!r}, which JSON would turn into a string; "
+            f"use str keys, or {fix}"
+        )
+    return f"of type {type(value).__name__} is neither a tensor nor JSON-serialisable; {fix}"
+
+
 def _contains_tensors(value: object) -> bool:
     if is_tensor_leaf(value) or _is_stateful(value):
         return True
@@ -216,21 +228,12 @@ def collect_for_save(
             elif shard.local.numel() and _view_of(shard.local) in buffers:
                 shard = replace(shard, local=shard.local.clone())
             view.shards[key] = shard
-        elif _is_json(value) and not (stringified := _non_str_keys(value)):
+        elif _is_json(value) and not _non_str_keys(value):
             view.objects[key] = copy.deepcopy(value)  # as of now, whatever the caller does next
         elif allow_pickle:
             view.opaque[key] = value
-        elif _is_json(value):
-            raise InvalidStateError(
-                f"state entry {key!r} holds a dict with key {stringified[0]!r}, which JSON "
-                "would turn into a string; use str keys, or pass allow_pickle=True to save "
-                "(and load) it with pickle"
-            )
         else:
-            raise InvalidStateError(
-                f"state entry {key!r} of type {type(value).__name__} is neither a tensor nor "
-                "JSON-serialisable; pass allow_pickle=True to save (and load) it with pickle"
-            )
+            raise InvalidStateError(f"state entry {key!r} {_not_json(value)}")
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, torch.optim.Optimizer):
