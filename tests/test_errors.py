@@ -167,6 +167,12 @@ def test_manifest_json_that_python_cannot_parse_is_corrupt(
         read_with(reader, ckpt)
 
 
+def test_empty_manifest_is_invalid_json(ckpt: str) -> None:
+    write_manifest(ckpt, b"")
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"manifest\.json is not valid JSON"):
+        unickpt.inspect(ckpt)
+
+
 def test_data_file_header_that_python_cannot_parse_is_corrupt(ckpt: str) -> None:
     _, full = data_file(ckpt)
     with open(full, "r+b") as f:

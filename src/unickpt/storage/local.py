@@ -198,7 +198,7 @@ class _LocalReader(Reader):
 
     def read_into_many(self, offset: int, outs: list[memoryview]) -> None:
         """One scatter read (``preadv``) for the whole run, resumed after short reads."""
-        views = [out.cast("B") for out in outs]
+        views = [view for view in (out.cast("B") for out in outs) if view.nbytes]
         require_range(self._where, offset, sum(v.nbytes for v in views), self._size)
         try:
             while views:
