@@ -34,7 +34,7 @@ from unickpt.errors import (
 from unickpt.format.dtypes import is_known, safetensors_dtype, torch_dtype
 from unickpt.format.manifest import Manifest
 from unickpt.format.safetensors_file import read_header
-from unickpt.format.untrusted import parse_json
+from unickpt.format.untrusted import read_json
 from unickpt.storage import Reader, Storage, open_storage
 
 SINGLE_FILE = "model.safetensors"
@@ -178,13 +178,7 @@ def _read_index(storage: Storage) -> dict[str, str]:
     """The index's ``weight_map`` (tensor name -> file), with every file checked to be a
     relative path that stays inside the directory (UnsafeCheckpointError otherwise)."""
     where = storage.describe(INDEX_FILE)
-    with storage.open_reader(INDEX_FILE) as reader:
-        if reader.size() > MAX_INDEX_BYTES:
-            raise CorruptCheckpointError(
-                f"{where} is {reader.size()} bytes, too large for an index"
-            )
-        raw = bytes(reader.read(0, reader.size()))
-    doc = parse_json(raw, where)
+    doc = read_json(storage, INDEX_FILE, max_bytes=MAX_INDEX_BYTES, what=where)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -15,7 +15,7 @@ from unickpt.errors import (
     UnsupportedFormatError,
 )
 from unickpt.format.dtypes import is_known, itemsize
-from unickpt.format.untrusted import parse_json
+from unickpt.format.untrusted import parse_json, read_json
 from unickpt.layout.box import Box, tiling_problem
 from unickpt.storage.base import Storage, check_relative_path
 
@@ -242,13 +242,9 @@ def read_manifest(storage: Storage) -> Manifest:
                 "(the save was interrupted or is still running); `unickpt gc` removes it"
             )
         raise CheckpointNotFoundError(f"no checkpoint at {storage.url}")
-    with storage.open_reader(MANIFEST) as reader:
-        if reader.size() > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(
-                f"manifest {storage.describe(MANIFEST)} is implausibly large"
-            )
-        text = bytes(reader.read(0, reader.size()))
-    manifest = Manifest.from_json(text, where=storage.describe(MANIFEST))
+    where = storage.describe(MANIFEST)
+    doc = read_json(storage, MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what=f"manifest {where}")
+    manifest = _Parser(where).manifest(doc)
     for name in manifest.files:  # symlinks out of the checkpoint are refused before any read
         storage.check_inside(name)
     return manifest

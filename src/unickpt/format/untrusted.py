@@ -6,6 +6,21 @@ import json
 from typing import Any
 
 from unickpt.errors import CorruptCheckpointError
+from unickpt.storage.base import Storage
+
+
+def read_json(storage: Storage, path: str, *, max_bytes: int, what: str) -> Any:
+    """The JSON value in file ``path`` of ``storage``, read only if at most ``max_bytes`` long
+    (a small file the checkpoint describes itself with); any defect raises
+    CorruptCheckpointError naming ``what``."""
+    with storage.open_reader(path) as reader:
+        size = reader.size()
+        if size > max_bytes:
+            raise CorruptCheckpointError(
+                f"{what} is {size} bytes, more than the {max_bytes} allowed"
+            )
+        text = bytes(reader.read(0, size))
+    return parse_json(text, what)
 
 
 def parse_json(text: bytes | str, what: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 from unickpt.errors import CheckpointError
 from unickpt.format.manifest import INFLIGHT, MANIFEST
-from unickpt.format.untrusted import parse_json
+from unickpt.format.untrusted import read_json
 from unickpt.storage import LocalStorage, Storage, open_storage
 
 log = logging.getLogger("unickpt")
@@ -69,11 +69,8 @@ def _read_marker(sub: Storage) -> dict[str, Any] | None:
     try:
         if not sub.exists(INFLIGHT):
             return None
-        with sub.open_reader(INFLIGHT) as reader:  # refuses symlinks out, FIFOs, devices
-            size = reader.size()
-            if size > MAX_MARKER_BYTES:
-                raise _UntrustedMarker(f"{size} bytes, more than {MAX_MARKER_BYTES}")
-            doc = parse_json(bytes(reader.read(0, size)), INFLIGHT)
+        # open_reader refuses symlinks out, FIFOs, devices
+        doc = read_json(sub, INFLIGHT, max_bytes=MAX_MARKER_BYTES, what=INFLIGHT)
     except CheckpointError as exc:
         raise _UntrustedMarker(str(exc)) from exc
     if not isinstance(doc, dict):
