@@ -98,6 +98,28 @@ def test_single_file_replaces_an_earlier_sharded_export(
     assert all(torch.equal(got[n], t) for n, t in state.items())
 
 
+def test_a_failed_re_export_does_not_look_complete(
+    tmp_path: Path, ckpt: tuple[str, dict[str, torch.Tensor]]
+) -> None:
+    src, _ = ckpt
+    dst = tmp_path / "hf"
+    export_hf(src, dst, max_shard_size="1KB")  # three shards and an index
+
+    class Interrupted(Exception):
+        pass
+
+    def fail_after_the_first_shard(done: int, total: int) -> None:
+        if done > 800:
+            raise Interrupted
+
+    with pytest.raises(unickpt.CheckpointError, match="Interrupted"):
+        export_hf(src, dst, max_shard_size="1KB", progress=fail_after_the_first_shard)
+    # The new first shard is in place beside the old others: no index may present them as one.
+    names = {p.name for p in dst.iterdir()}
+    assert "model.safetensors.index.json" not in names and "model.safetensors" not in names
+    assert "model-00001-of-00003.safetensors" in names
+
+
 def test_dtype_casts_floating_tensors_only(
     tmp_path: Path, ckpt: tuple[str, dict[str, torch.Tensor]]
 ) -> None:

@@ -14,10 +14,10 @@ Files: ``model.safetensors`` when everything fits in ``max_shard_size``, else
 (``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``). Tensors are dealt into
 shards in name order, a new shard starting when the next tensor would overflow the current one;
 a tensor larger than ``max_shard_size`` gets a shard of its own. As in ``transformers``, the size
-counts tensor bytes (``total_size`` too), not the few-KB headers. Each file is written to a
-temporary name and renamed into place; the index is written last; ``model*.safetensors`` files
-and an index of an earlier export into the same directory that this export did not write are
-then deleted, so that no loader mixes the two.
+counts tensor bytes (``total_size`` too), not the few-KB headers. An earlier export's index and
+``model.safetensors`` are deleted first; each file is written to a temporary name and renamed
+into place; the index is written last; the earlier export's other ``model*.safetensors`` files
+are then deleted. So no loader mixes two exports, even after one failed midway.
 
 Weights only: ``config.json``, tokenizer and generation files are the caller's to copy (a unickpt
 checkpoint does not carry them). Tied weights (e.g. GPT-2's ``lm_head.weight`` and
@@ -239,6 +239,10 @@ def export_hf(
             if progress is not None:
                 progress(done, total)
 
+        # What loaders open first goes before any new file is written, and the index comes
+        # last: an export that fails midway must not look complete, mixing two exports' shards.
+        for entry_point in (INDEX_FILE, SINGLE_FILE):
+            storage.delete(entry_point)
         for file, group in zip(files, groups, strict=True):
             _write_shard(storage, file, [plan[i] for i in group], wrote)
     written = list(files)
