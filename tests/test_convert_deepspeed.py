@@ -476,3 +476,22 @@ def test_unknown_pickled_object_needs_trust(
 def test_output_is_valid_json_manifest(converted: dict[str, str]) -> None:
     text = (Path(converted[run_name(3, "bf16")]) / "manifest.json").read_text()
     assert json.loads(text)["writer"]["converted_from"]["tp_degree"] == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x80\x02" + bytes(range(70, 250)), "cannot be unpickled: Unsupported operand"),
+        (b"", "not a readable torch file: EOFError"),
+        (b"not a torch file at all\n", "cannot be unpickled: Unsupported operand"),
+    ],
+    ids=["garbage-pickle", "empty", "text"],
+)
+def test_a_corrupt_torch_file_is_corrupt_not_unsafe(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "model_optim_rng.pt"
+    path.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match=message) as err:
+        load_torch_file(path)
+    assert "trust" not in str(err.value), "a corrupt file is no reason to trust pickles"

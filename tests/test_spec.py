@@ -387,6 +387,7 @@ def test_expressions_over_variables() -> None:
         ("${1 / 2}", "not integer arithmetic"),
         ("${1 +}", "cannot parse"),
         ("'1.0'", "expected an integer"),
+        ("${4 // (2 - 2)}", r"'4 // \(2 - 2\)' divides by zero"),
     ],
 )
 def test_bad_expressions(expression: str, message: str) -> None:

@@ -76,7 +76,10 @@ def _evaluate(expr: str, variables: Mapping[str, int], where: str) -> int:
                 )
             return variables[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.FloorDiv) and right == 0:
+                raise ConversionError(f"{where}: {expr!r} divides by zero")
+            return _OPS[type(node.op)](left, right)
         raise ConversionError(f"{where}: {expr!r} is not integer arithmetic over variables")
 
     try:

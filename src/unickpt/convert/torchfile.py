@@ -57,26 +57,34 @@ def load_torch_file(
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_globals]):
             return torch.load(where, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
-        if trust_pickle:
-            raise CorruptCheckpointError(f"{where} cannot be unpickled: {exc}") from exc
+        global_name = re.search(r"GLOBAL (\S+)", str(exc))
+        if trust_pickle or global_name is None:  # garbage, not a class we refuse to import
+            raise CorruptCheckpointError(
+                f"{where} cannot be unpickled: {_weights_only_cause(exc)}"
+            ) from exc
         raise UnsafeCheckpointError(
             f"{where} needs Python objects that unickpt does not load by default "
-            f"({_first_line(exc)}). Unpickling them can execute arbitrary code: re-run with "
-            "--trust-pickle (trust_pickle=True) only if you trust where this file came from"
+            f"(global {global_name.group(1)} is not allow-listed). Unpickling them can execute "
+            "arbitrary code: re-run with --trust-pickle (trust_pickle=True) only if you trust "
+            "where this file came from"
         ) from exc
     except (ImportError, AttributeError) as exc:  # trusted, but its classes are not importable
         raise CorruptCheckpointError(
             f"{where} cannot be unpickled here: {type(exc).__name__}: {exc} (the code that "
             "wrote it must be installed to unpickle its objects)"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise CorruptCheckpointError(f"{where} is not a readable torch file: {exc}") from exc
+    # KeyError/ValueError: the legacy format's loader on a file that is no torch file at all
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise CorruptCheckpointError(
+            f"{where} is not a readable torch file: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def _weights_only_cause(exc: BaseException) -> str:
+    """What the unpickler tripped on, without torch's advice to turn weights_only off."""
     text = str(exc)
-    if match := re.search(r"GLOBAL (\S+)", text):
-        return f"global {match.group(1)} is not allow-listed"
+    if match := re.search(r"WeightsUnpickler error:\s*(.+)", text):
+        return match.group(1).strip()
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
