@@ -495,3 +495,21 @@ def test_a_corrupt_torch_file_is_corrupt_not_unsafe(
     with pytest.raises(CorruptCheckpointError, match=message) as err:
         load_torch_file(path)
     assert "trust" not in str(err.value), "a corrupt file is no reason to trust pickles"
+
+
+@pytest.mark.parametrize(
+    "optimizer_state",
+    [5, {"zero_stage": "x"}],
+    ids=["not-a-dict", "stage-not-a-number"],
+)
+def test_plain_data_of_the_wrong_shape_is_a_malformed_checkpoint(
+    tmp_path: Path, optimizer_state: object
+) -> None:
+    folder = tmp_path / "global_step1"
+    folder.mkdir()
+    torch.save(
+        {"optimizer_state_dict": optimizer_state},
+        folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    )  # loads fine weights-only: only its structure is wrong
+    with pytest.raises(CorruptCheckpointError, match="is not a well-formed DeepSpeed checkpoint"):
+        import_deepspeed(folder, str(tmp_path / "out"))

@@ -51,7 +51,7 @@ import torch
 
 from unickpt.convert.spec import Rule, Spec
 from unickpt.convert.target import optimizer_step, write_converted
-from unickpt.convert.torchfile import load_torch_file, release_pages
+from unickpt.convert.torchfile import load_torch_file, release_pages, reports_malformed_source
 from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import (
     CheckpointNotFoundError,
@@ -410,6 +410,7 @@ def _zero3_pieces(flats: Sequence[torch.Tensor], offset: int, numel: int) -> lis
 # ------------------------------------------------------------------------------ the conversion
 
 
+@reports_malformed_source("DeepSpeed")
 def import_deepspeed(
     src: str | os.PathLike[str],
     dst: str,

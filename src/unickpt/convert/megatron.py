@@ -37,7 +37,7 @@ import torch
 
 from unickpt.convert.spec import Spec
 from unickpt.convert.target import optimizer_step, write_converted
-from unickpt.convert.torchfile import load_torch_file, release_pages
+from unickpt.convert.torchfile import load_torch_file, release_pages, reports_malformed_source
 from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import CheckpointNotFoundError, ConversionError
 from unickpt.format.manifest import Manifest
@@ -89,6 +89,7 @@ _ARG_VARIABLES = {
 }
 
 
+@reports_malformed_source("Megatron")
 def import_megatron(
     src: str | os.PathLike[str],
     dst: str,

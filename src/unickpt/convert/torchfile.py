@@ -12,18 +12,52 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from unickpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from unickpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def reports_malformed_source(kind: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """For an importer whose first argument is its source: the exceptions that plain data of
+    the wrong shape raises while it is taken apart (a missing key, a list where a dict belongs,
+    a string where a number does; a crafted or foreign file loads fine weights-only) become a
+    CorruptCheckpointError naming the source."""
+
+    def wrap(importer: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(importer)
+        def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return importer(*args, **kwargs)
+            except CheckpointError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                source = args[0] if args else kwargs.get("src")
+                raise CorruptCheckpointError(
+                    f"{source} is not a well-formed {kind} checkpoint: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+
+        return run
+
+    return wrap
 
 # Plain data that Megatron and DeepSpeed files commonly carry besides tensors.
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
