@@ -261,3 +261,31 @@ def test_hf_file_without_the_tied_head_loads_into_a_tied_model(tmp_path: Path) -
     target = Tied()
     unickpt.load(str(tmp_path / "u"), {"model": target})
     assert torch.equal(target.lm_head.weight, source.wte.weight)
+
+
+def _raw_safetensors(path: Path, entries: dict[str, list[int]], data_bytes: int) -> None:
+    """A safetensors file of F32 tensors of shape [2] at the given data offsets."""
+    header = json.dumps(
+        {n: {"dtype": "F32", "shape": [2], "data_offsets": o} for n, o in entries.items()}
+    )
+    raw = header.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data_bytes))
+
+
+@pytest.mark.parametrize(
+    ("entries", "data_bytes", "message"),
+    [
+        ({"a": [0, 8], "b": [4, 12]}, 12, "'b' starts at data byte 4, where 8 was expected"),
+        ({"a": [0, 8], "b": [0, 8]}, 8, "'b' starts at data byte 0, where 8 was expected"),
+        ({"a": [8, 16]}, 16, "'a' starts at data byte 8, where 0 was expected"),
+        ({"a": [0, 8]}, 12, "its tensors end at data byte 8, its data at 12"),
+    ],
+    ids=["overlap", "alias", "hole", "tail"],
+)
+def test_safetensors_data_must_be_back_to_back(
+    tmp_path: Path, entries: dict[str, list[int]], data_bytes: int, message: str
+) -> None:
+    # what the safetensors library refuses; it keeps a crafted file from aliasing tensors
+    _raw_safetensors(tmp_path / "model.safetensors", entries, data_bytes)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        import_hf(tmp_path, str(tmp_path / "out"))

@@ -32,7 +32,7 @@ from unickpt.errors import (
     CorruptCheckpointError,
 )
 from unickpt.format.dtypes import is_known, safetensors_dtype, torch_dtype
-from unickpt.format.manifest import Manifest
+from unickpt.format.manifest import MAX_COUNT, MAX_DIMS, Manifest
 from unickpt.format.safetensors_file import read_header
 from unickpt.format.untrusted import read_json
 from unickpt.storage import Reader, Storage, open_storage
@@ -113,7 +113,21 @@ class SafetensorsFiles:
         found = [
             self._entry(file, where, name, entry, start, size) for name, entry in header.items()
         ]
-        found.sort(key=lambda t: t.offset)
+        found.sort(key=lambda t: (t.offset, t.nbytes))
+        # As the safetensors format requires: data back to back, no overlap, no hole, no tail
+        # (what the safetensors library itself refuses, a crafted file could otherwise pass).
+        position = 0  # in the data section, as data_offsets count
+        for tensor in found:
+            if tensor.offset - start != position:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {tensor.name!r} starts at data byte {tensor.offset - start}, "
+                    f"where {position} was expected (tensors overlap or leave a hole)"
+                )
+            position += tensor.nbytes
+        if start + position != size:
+            raise CorruptCheckpointError(
+                f"{where}: its tensors end at data byte {position}, its data at {size - start}"
+            )
         return {t.name: t for t in found}, metadata
 
     @staticmethod
@@ -135,9 +149,14 @@ class SafetensorsFiles:
                 f"(supported: {', '.join(_FROM_SAFETENSORS)})"
             )
         shape = tuple(entry["shape"])
+        if len(shape) > MAX_DIMS or any(not 0 <= n < MAX_COUNT for n in shape):
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} has shape {list(shape)}: at most {MAX_DIMS} "
+                f"dimensions, each below 2^63"
+            )
         begin, end = entry["data_offsets"]
         nbytes = math.prod(shape) * dtype.itemsize
-        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+        if begin < 0 or end - begin != nbytes:
             raise CorruptCheckpointError(
                 f"{where}: tensor {name!r} ({entry['dtype']} {list(shape)}) has data offsets "
                 f"[{begin}, {end}], which do not hold its {nbytes} bytes"

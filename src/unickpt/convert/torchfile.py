@@ -51,13 +51,13 @@ def reports_malformed_source(kind: str) -> Callable[[Callable[_P, _R]], Callable
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 source = args[0] if args else kwargs.get("src")
                 raise CorruptCheckpointError(
-                    f"{source} is not a well-formed {kind} checkpoint: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{source} is not a well-formed {kind} checkpoint: {type(exc).__name__}: {exc}"
                 ) from exc
 
         return run
 
     return wrap
+
 
 # Plain data that Megatron and DeepSpeed files commonly carry besides tensors.
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
