@@ -67,6 +67,7 @@ class OutageProxy:
     """Forwards 127.0.0.1:``port`` to ``target_port``. :meth:`cut` takes the endpoint down the way
     a crashed server would (live connections reset, new ones refused); :meth:`restore` brings it
     back on the same port. :meth:`cut_after` arms a cut once that many more bytes went upstream.
+    :meth:`drop_request_header` makes it forward requests without one header, as some gateways do.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -78,6 +79,7 @@ class OutageProxy:
         self._connections: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._budget: int | None = None
+        self._renamed: tuple[bytes, bytes] | None = None
         self.restore()
 
     def restore(self) -> None:
@@ -94,6 +96,12 @@ class OutageProxy:
         with self._lock:
             self._budget = nbytes
         self.tripped.clear()
+
+    def drop_request_header(self, name: str) -> None:
+        """Rename header ``name`` in the requests from now on (same length, so nothing else
+        moves), so that the server does not see it."""
+        stand_in = "X-" + "x" * (len(name) - 2)
+        self._renamed = (f"\r\n{name}: ".encode(), f"\r\n{stand_in}: ".encode())
 
     def cut(self) -> None:
         with self._lock:
@@ -138,6 +146,8 @@ class OutageProxy:
                 if upstream and self._spend(len(data)):
                     self.cut()
                     return
+                if upstream and self._renamed is not None:
+                    data = data.replace(*self._renamed)
                 sink.sendall(data)
         except OSError:
             pass

@@ -282,6 +282,18 @@ def proxy(moto: MotoServer) -> Iterator[OutageProxy]:
         proxy.close()
 
 
+def test_an_endpoint_ignoring_ranges_fails_loads_instead_of_misreading(
+    env: dict[str, str], proxy: OutageProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    path = f"{fresh('ranges')}/step_1"
+    state = make_state(1, rows=64)
+    unickpt.save(path, state, step=1)
+    proxy.drop_request_header("Range")  # every GET now returns the whole object
+    with pytest.raises(unickpt.StorageError, match=r"data/r00000-.*without a Content-Range"):
+        unickpt.load(path, zeros_like_state(state))
+
+
 def test_endpoint_outage_mid_upload(
     env: dict[str, str],
     moto: MotoServer,

@@ -602,6 +602,17 @@ class _S3Reader(Reader):
                 raise translated from exc
             body = response["Body"]
             try:
+                # Gateways and caches may ignore Range and send the whole object (200, no
+                # Content-Range): read from its start, that fills in the wrong bytes unless
+                # they were the ones asked for.
+                served = response.get("ContentRange", "")
+                whole = not served and offset + done == 0
+                if not whole and not served.startswith(f"bytes {offset + done}-"):
+                    raise StorageError(
+                        f"reading {self._where}: asked for bytes from {offset + done}, the "
+                        f"endpoint answered {served or 'without a Content-Range'} (does a proxy "
+                        "or gateway in between ignore ranged GETs?)"
+                    )
                 if int(response.get("ContentLength", want - done)) < want - done:
                     raise self._truncated(offset + done + int(response["ContentLength"]))
                 while done < want:
