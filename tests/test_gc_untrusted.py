@@ -178,3 +178,18 @@ def test_a_save_committing_while_gc_runs_is_not_deleted(
     loaded = {"w": torch.zeros(4)}
     unickpt.load(os.fspath(path), loaded)
     assert torch.equal(loaded["w"], torch.ones(4))
+
+
+def test_gc_given_the_parent_of_runs_deletes_no_run(tmp_path: pathlib.Path) -> None:
+    """`unickpt gc` pointed one level too high sees run directories whose nested checkpoints
+    hold data/*.safetensors: they are runs, not abandoned checkpoints."""
+    for run in ("run1", "run2"):
+        unickpt.save(str(tmp_path / run / "step_1"), {"w": torch.ones(4)})
+    crashed = tmp_path / "run3" / "step_1"  # a run whose only save died: no manifest anywhere
+    unickpt.save(str(crashed), {"w": torch.ones(4)})
+    (crashed / "manifest.json").unlink()
+    assert unickpt.collect_garbage(str(tmp_path), min_age=0) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run1", "run2", "run3"]
+    unickpt.load(str(tmp_path / "run1" / "step_1"), {"w": torch.zeros(4)})
+    (entry,) = unickpt.collect_garbage(str(tmp_path / "run3"), min_age=0)  # the right level
+    assert entry.name == "step_1" and entry.removed

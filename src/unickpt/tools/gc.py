@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from unickpt.engine.datafile import DATA_DIR
 from unickpt.errors import CheckpointError
 from unickpt.format.manifest import INFLIGHT, MANIFEST
 from unickpt.format.untrusted import read_json
@@ -150,17 +151,28 @@ def _in_progress(sub: Storage, min_age: float) -> str | None:
         )
 
 
+def _written_by_a_save(path: str) -> bool:
+    """Whether ``path`` (inside a directory) is where a save writes: its in-flight marker, a
+    temporary file at the top, or a data file (or the temporary of one) in ``data/``."""
+    top, _, rest = path.partition("/")
+    if not rest:
+        return path == INFLIGHT or ".tmp-" in path
+    return top == DATA_DIR and "/" not in rest and (rest.endswith(DATA_SUFFIX) or ".tmp-" in rest)
+
+
 def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEntry | None:
     """Delete the directory ``name`` if it is an abandoned checkpoint; None if not one at all."""
     sub = storage.child(name)
     files = sub.list()
-    if MANIFEST in files:
+    # A committed checkpoint; or, with one inside, a directory of checkpoints (gc pointed one
+    # level too high): its files are no checkpoint's own and must not make it look like one.
+    if MANIFEST in files or any(f.endswith(f"/{MANIFEST}") for f in files):
         return None
     if not files:  # a save that died before writing anything, or a stray empty directory
         if dry_run:
             return GcEntry(name, False, "dry run (empty)")
         return GcEntry(name, True, "empty") if storage.remove_if_empty(name) else None
-    if INFLIGHT not in files and not any(f.endswith(DATA_SUFFIX) or ".tmp-" in f for f in files):
+    if not any(_written_by_a_save(f) for f in files):
         return None  # not a checkpoint: leave other people's files alone
     busy = _in_progress(sub, min_age)
     # A saver publishes its manifest before it deletes its marker, so a save that committed
@@ -181,8 +193,9 @@ def collect_garbage(
 ) -> list[GcEntry]:
     """Delete the incomplete checkpoints directly under ``root``.
 
-    A directory is a checkpoint if it holds ``manifest.json``, an in-flight marker or data files.
-    Committed ones (with a manifest) are never touched. An incomplete one is kept while its saver
+    A directory is a checkpoint if it holds ``manifest.json``, an in-flight marker or data files
+    in ``data/``. Committed ones (with a manifest) are never touched, nor is a directory holding
+    a committed checkpoint further down (``root`` given one level too high: a run directory). An incomplete one is kept while its saver
     is alive (same host) or, for a saver on another host, younger than ``min_age`` seconds. A
     marker that cannot be read or makes no sense (a bad pid, a start in the future) names no
     saver: the checkpoint is kept until the marker file is ``min_age`` seconds old, and for good
