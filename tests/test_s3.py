@@ -403,3 +403,19 @@ def test_manager_on_s3_with_explicit_storage_options(
     assert unickpt.CheckpointManager(root, storage_options=options).restore(loaded) == 3
     assert_same(loaded, states[-1])
     unickpt.verify(f"{root}/{unickpt.CheckpointManager.name_for(3)}", storage_options=options)
+
+
+def test_restore_refuses_to_start_over_while_its_only_tier_is_unreachable(
+    env: dict[str, str], proxy: OutageProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Returning None would restart training from scratch beside committed checkpoints.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    root = fresh("restore-outage")
+    manager = unickpt.CheckpointManager(root, every_n_steps=1, mode="sync")
+    manager.maybe_save(1, make_state(1, rows=64))
+    manager.close()
+    proxy.cut()
+    with pytest.raises(unickpt.StorageError, match="no tier can be listed"):
+        unickpt.CheckpointManager(root).restore(zeros_like_state(make_state(1, rows=64)))
+    proxy.restore()
+    assert unickpt.CheckpointManager(root).restore(zeros_like_state(make_state(1, rows=64))) == 1

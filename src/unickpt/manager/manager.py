@@ -357,6 +357,8 @@ class CheckpointManager:
             tier = self.tiers[index]
             try:  # one bad directory (corrupt, incomplete, a symlink out) is not the tier's
                 manifest = read_manifest(tier.storage.child(name))
+            except StorageError:
+                raise  # unreachable now, not absent: the tier cannot be listed
             except CheckpointError:
                 return None
             metrics = manifest.user_metadata.get("metrics", {})
@@ -530,6 +532,11 @@ class CheckpointManager:
         if self._comm.rank == 0:
             try:
                 listings = self._listings()
+                if all(listing is None for listing in listings):
+                    raise StorageError(
+                        "no tier can be listed now (logged above); not restoring, as the "
+                        "newest checkpoint may be on one of them"
+                    )
                 found = [(i, n) for n, listing in enumerate(listings) for i in listing or []]
                 found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
                 swept = self.tiers[0].memory and listings[0] is not None

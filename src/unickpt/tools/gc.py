@@ -195,12 +195,13 @@ def collect_garbage(
 
     A directory is a checkpoint if it holds ``manifest.json``, an in-flight marker or data files
     in ``data/``. Committed ones (with a manifest) are never touched, nor is a directory holding
-    a committed checkpoint further down (``root`` given one level too high: a run directory). An incomplete one is kept while its saver
-    is alive (same host) or, for a saver on another host, younger than ``min_age`` seconds. A
-    marker that cannot be read or makes no sense (a bad pid, a start in the future) names no
-    saver: the checkpoint is kept until the marker file is ``min_age`` seconds old, and for good
-    where the storage cannot tell a file's age. A directory gc fails on is reported as kept, with
-    the error as the reason, and the others are still collected.
+    a committed checkpoint further down (``root`` given one level too high: a run directory).
+    An incomplete one is kept while its saver is alive (same host) or, for a saver on another
+    host, younger than ``min_age`` seconds. A marker that cannot be read or makes no sense (a
+    bad pid, a start in the future) names no saver: the checkpoint is kept until the marker file
+    is ``min_age`` seconds old, and for good where the storage cannot tell a file's age. A
+    directory gc fails on is reported as kept, with the error as the reason, and the others are
+    still collected.
     """
     storage = open_storage(root, storage_options)
     out = []
