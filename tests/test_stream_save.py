@@ -184,3 +184,14 @@ def test_release_pages_returns_mapped_memory(tmp_path: pathlib.Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     touched, released = map(int, out.stdout.split())
     assert touched >= 200 and released <= 32, (touched, released)
+
+
+def test_a_stream_save_refused_at_commit_leaves_no_live_marker(tmp_path: pathlib.Path) -> None:
+    # The data is written before the manifest is validated: a tensor the format cannot describe
+    # (65 dimensions) is refused then, and the save must still hand its files over to gc.
+    shape = (1,) * 65
+    lazy = LazyTensor(shape, torch.float32, lambda: torch.zeros(shape), "test")
+    with pytest.raises(unickpt.CorruptCheckpointError, match="65 dimensions"):
+        stream_save(str(tmp_path / "c"), [("t", lazy)])
+    assert not (tmp_path / "c" / "_inflight.json").exists()
+    assert not (tmp_path / "c" / "manifest.json").exists()

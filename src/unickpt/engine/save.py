@@ -487,11 +487,6 @@ def _commit(
                     commit_manifest(storage, manifest)
                 except Exception as exc:
                     failed = {"message": f"{type(exc).__name__}: {exc}", "storage": True}
-                    # Publishing can fail after the manifest became visible (a directory fsync
-                    # after the rename): take it back, so that a failed save stays invisible.
-                    # It can only be this save's: the path held none when the save began.
-                    with contextlib.suppress(Exception):
-                        storage.delete(MANIFEST)
                 else:
                     with contextlib.suppress(Exception):  # committed; leftovers are only clutter
                         tidy(storage, manifest)

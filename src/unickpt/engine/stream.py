@@ -215,29 +215,29 @@ def stream_save(
                     f"writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
                 ) from exc
             files[file] = offsets[-1] + members[-1][2].nbytes
+        manifest = Manifest(
+            tensors=dict(sorted(metas.items())),
+            objects=dict(objects or {}),
+            files=files,
+            step=step,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+            writer={
+                "world_size": 1,
+                "meshes": [],
+                "torch": torch.__version__,
+                "host": socket.gethostname(),
+                **(writer_info or {}),
+            },
+            user_metadata=dict(user_metadata or {}),
+        )
+        manifest = Manifest.from_json(manifest.to_json(), where="(about to commit)")
+        commit_manifest(storage, manifest)
     except BaseException:
         with contextlib.suppress(Exception):  # not committed: let gc take it even while we live
             storage.delete(INFLIGHT)
         raise
     finally:
         background.close()
-    manifest = Manifest(
-        tensors=dict(sorted(metas.items())),
-        objects=dict(objects or {}),
-        files=files,
-        step=step,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-        writer={
-            "world_size": 1,
-            "meshes": [],
-            "torch": torch.__version__,
-            "host": socket.gethostname(),
-            **(writer_info or {}),
-        },
-        user_metadata=dict(user_metadata or {}),
-    )
-    manifest = Manifest.from_json(manifest.to_json(), where="(about to commit)")
-    commit_manifest(storage, manifest)
     tidy(storage, manifest)
     return manifest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -251,5 +252,15 @@ def read_manifest(storage: Storage) -> Manifest:
 
 
 def commit_manifest(storage: Storage, manifest: Manifest) -> None:
-    """Publish the manifest atomically: from this instant the checkpoint exists."""
-    storage.put_atomic(MANIFEST, manifest.to_json().encode())
+    """Publish the manifest atomically: from this instant the checkpoint exists.
+
+    For a checkpoint that had none (every writer checks first). Publishing can fail after the
+    manifest became visible (a directory fsync after the rename, a lost response to the PUT):
+    it is then taken back, best effort, so that a failed commit stays invisible.
+    """
+    try:
+        storage.put_atomic(MANIFEST, manifest.to_json().encode())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.delete(MANIFEST)
+        raise
