@@ -237,6 +237,22 @@ def test_save_load_verify_inspect_gc(env: dict[str, str], raw: Any) -> None:
         unickpt.inspect(f"{root}/step_0")
 
 
+def test_gc_ages_an_untrusted_marker_by_its_object_time(env: dict[str, str]) -> None:
+    """A marker gc cannot trust is kept until the object itself is min_age old (LastModified):
+    on S3 too, not for good."""
+    root = fresh("gc")
+    storage = S3Storage(root)
+    storage.put_atomic("step_3/data/r00000-x.safetensors", b"junk")
+    storage.put_atomic("step_3/_inflight.json", b"not json")
+    kept = unickpt.collect_garbage(root, min_age=3600)
+    assert [(e.name, e.removed) for e in kept] == [("step_3", False)]
+    assert kept[0].reason.startswith("untrusted in-flight marker") and "s ago" in kept[0].reason
+    time.sleep(1.1)
+    gone = unickpt.collect_garbage(root, min_age=1)
+    assert [(e.name, e.removed) for e in gone] == [("step_3", True)], gone
+    assert storage.children() == []
+
+
 RESHARD_SHAPE = (1001, 700)  # odd rows: uneven Shard(0) over two ranks
 
 

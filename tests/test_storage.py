@@ -104,6 +104,19 @@ def test_list_child_delete(storage: Storage) -> None:
     assert storage.list() == ["b/w"]
 
 
+def test_modified_time_of_a_file(storage: Storage) -> None:
+    before = time.time()
+    storage.put_atomic("m/a.json", b"{}")
+    after = time.time()
+    assert storage.modified("m/missing.json") is None
+    when = storage.modified("m/a.json")
+    if isinstance(storage, MemoryStorage):
+        assert when is None  # an in-process namespace keeps no times
+        return
+    # S3's LastModified has whole seconds; the server's clock is this host's.
+    assert when is not None and before - 2 <= when <= after + 2, (before, when, after)
+
+
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", "a//b", "./a", "a\\b", ""])
 def test_escaping_paths_are_refused(storage: Storage, bad: str) -> None:
     with pytest.raises(unickpt.UnsafeCheckpointError):

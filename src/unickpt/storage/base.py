@@ -216,6 +216,11 @@ class Storage(abc.ABC):
         with self.open_reader(path) as reader:
             return reader.size()
 
+    def modified(self, path: str) -> float | None:
+        """When the file at ``path`` (not one it links to) was last written, in seconds since
+        the epoch; None if there is no such file or the backend keeps no such time."""
+        return None
+
     def describe(self, path: str) -> str:
         """A human-readable location of ``path`` for error messages."""
         return f"{self.url.rstrip('/')}/{path}"

@@ -263,6 +263,16 @@ class LocalStorage(Storage):
     def exists(self, path: str) -> bool:
         return os.path.exists(self._resolve(path))
 
+    def modified(self, path: str) -> float | None:
+        parent, name = os.path.split(path)
+        full = os.path.join(self._resolve(parent) if parent else self.root, name)
+        try:
+            return os.lstat(full).st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _storage_error("look up", self.describe(path), exc) from exc
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._resolve(prefix) if prefix else self.root
         if not os.path.isdir(base):

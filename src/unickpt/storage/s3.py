@@ -738,6 +738,10 @@ class S3Storage(Storage):
     def exists(self, path: str) -> bool:
         return _head(self._shared, self._key(path), self.describe(path)) is not None
 
+    def modified(self, path: str) -> float | None:
+        head = _head(self._shared, self._key(path), self.describe(path))
+        return None if head is None else float(head["LastModified"].timestamp())
+
     def _pages(self, key_prefix: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
         shared = self._shared
         where = f"s3://{shared.bucket}/{key_prefix}"

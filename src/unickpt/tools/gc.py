@@ -20,7 +20,7 @@ from unickpt.engine.datafile import DATA_DIR
 from unickpt.errors import CheckpointError
 from unickpt.format.manifest import INFLIGHT, MANIFEST
 from unickpt.format.untrusted import read_json
-from unickpt.storage import LocalStorage, Storage, open_storage
+from unickpt.storage import Storage, open_storage
 
 log = logging.getLogger("unickpt")
 
@@ -101,19 +101,6 @@ def _started(value: Any, now: _dt.datetime) -> _dt.datetime:
     return when
 
 
-def _marker_mtime(sub: Storage) -> float | None:
-    """When ``sub``'s marker file itself (not a file it links to) was last written, if known.
-
-    Only local storage is asked: the Storage interface has no modification times.
-    """
-    if not isinstance(sub, LocalStorage):
-        return None
-    try:
-        return os.lstat(os.path.join(sub.root, INFLIGHT)).st_mtime
-    except OSError:  # gone since it was read: the next run will see why
-        return None
-
-
 def _saver(sub: Storage, min_age: float, now: _dt.datetime) -> str | None:
     """Why ``sub``'s marker says its saver may be at work, or None if it has none or is done.
 
@@ -142,7 +129,7 @@ def _in_progress(sub: Storage, min_age: float) -> str | None:
         # unickpt publishes its marker atomically and never rewrites it, so a live unickpt saver
         # never leaves one like this; still, some other writer may be behind it. The marker's
         # own file age stands in for its start: the grace a save on another host gets.
-        mtime = _marker_mtime(sub)
+        mtime = sub.modified(INFLIGHT)
         if mtime is None:
             return f"untrusted in-flight marker ({exc}) of unknown age"
         age = now.timestamp() - mtime
