@@ -183,6 +183,140 @@ def test_restore_falls_back_past_a_malformed_rng_entry(ckpt_root: str, shape: li
     assert torch.equal(target["w"], torch.full((4,), 1.0))
 
 
+@pytest.mark.parametrize("mode", ["sync", "lazy"])
+def test_a_run_resumed_past_a_corrupt_checkpoint_saves_that_step_again(
+    ckpt_root: str, mode: str
+) -> None:
+    """Restore falls back from a corrupt step 2 to step 1; the resumed run's save of step 2
+    replaces the corrupt one instead of colliding with it (which lost it, or every restart)."""
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+    state = _state()
+    for step in (1, 2):
+        _train_step(state, step)
+        manager.maybe_save(step, state)
+    newest = manager.list()[-1].path
+    (data_file,) = unickpt.inspect(newest).files
+    with open(os.path.join(newest, data_file), "r+b") as f:
+        f.truncate(100)
+
+    resumed = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode=mode)
+    state = _state(seed=3)
+    assert resumed.restore(state) == 1
+    _train_step(state, 2)
+    resumed.maybe_save(2, state)
+    resumed.wait()
+    assert _steps(resumed) == [1, 2]
+    again = _state(seed=4)
+    assert CheckpointManager(ckpt_root).restore(again) == 2
+    model = state["model"]
+    assert isinstance(model, torch.nn.Module) and isinstance(again["model"], torch.nn.Module)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again["model"].state_dict()[key], value), key
+    resumed.close()
+
+
+def test_metrics_and_step_of_numpy_and_tensor_types(ckpt_root: str) -> None:
+    """A loss tensor, numpy scalars and a numpy step are saved as numbers (they failed every
+    background save at its commit, reported only in a log line)."""
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="lazy")
+    state = _state()
+    manager.maybe_save(
+        np.int64(3),
+        state,
+        metrics={"loss": torch.tensor(0.25), "acc": np.float32(0.5), "n": np.int64(7)},
+    )
+    manager.close()
+    (info,) = manager.list()
+    assert info.step == 3 and info.metrics == {"loss": 0.25, "acc": 0.5, "n": 7}
+    assert unickpt.inspect(info.path).user_metadata == {"metrics": info.metrics}
+
+
+def test_a_failed_background_save_is_raised_by_wait(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="lazy")
+    manager.maybe_save(1, _state(), metrics={"loss": object()})
+    with pytest.raises(unickpt.CheckpointError, match=r"step_0000000001.*InvalidStateError.*"):
+        manager.wait()
+    manager.wait()  # reported once
+    assert manager.list() == []
+    manager.maybe_save(2, _state(), metrics={"loss": 1.0})
+    manager.close()
+    assert _steps(manager) == [2]
+
+
+def test_metadata_without_a_json_form_is_refused_before_any_io(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "c")
+    with pytest.raises(unickpt.InvalidStateError, match=r"user_metadata\['a'\]\[1\] is a set"):
+        unickpt.save(path, {"w": torch.ones(2)}, user_metadata={"a": [1, {2}]})
+    with pytest.raises(unickpt.InvalidStateError, match=r"step 1\.5 is not an integer"):
+        unickpt.save(path, {"w": torch.ones(2)}, step=1.5)  # type: ignore[arg-type]
+    assert not os.path.exists(path) or os.listdir(path) == []
+
+
+def test_nan_metrics_never_rank_best(ckpt_root: str) -> None:
+    for best_mode, losses, best in (
+        ("min", [math.nan, 0.5, 6.0, 7.0], 2),
+        ("max", [math.nan, 9.0, 1.0, 2.0], 2),
+    ):
+        root = os.path.join(ckpt_root, best_mode)
+        manager = CheckpointManager(
+            root,
+            every_n_steps=1,
+            keep_last=1,
+            keep_best=("loss", 1),
+            best_mode=best_mode,
+            mode="sync",
+        )
+        for step, loss in enumerate(losses, start=1):
+            manager.maybe_save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+        manager.close()
+        assert _steps(manager) == [best, 4], best_mode
+
+
+def test_the_manager_keeps_to_its_own_checkpoints(ckpt_root: str, tmp_path: pathlib.Path) -> None:
+    """Retention, listing and restore see only the manager's ``step_<10 digits>`` directories;
+    restore's sweep of the memory tier removes only leftovers of the manager's own saves."""
+    for name in ("best_model", "step_000050"):
+        unickpt.save(os.path.join(ckpt_root, name), {"w": torch.zeros(2)}, step=50)
+    shm = tmp_path / "shm"
+    (shm / "other_app").mkdir(parents=True)
+    (shm / "other_app" / "cache.bin").write_bytes(b"x")
+    (shm / "step_0000000099" / "data").mkdir(parents=True)  # a crashed save of this run
+    (shm / "step_0000000099" / "data" / "r00000-x.safetensors").write_bytes(b"junk")
+    tiers = [f"memory://{shm}", ckpt_root]
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_last=1, mode="sync")
+    assert manager.restore({"w": torch.zeros(2)}) is None
+    assert sorted(os.listdir(shm)) == ["other_app"], "only the crashed save was swept"
+    for step in (100, 200, 300):
+        manager.maybe_save(step, {"w": torch.full((2,), float(step))})
+    manager.close()
+    assert _steps(manager) == [300]
+    for name in ("best_model", "step_000050"):
+        assert unickpt.inspect(os.path.join(ckpt_root, name)).step == 50, name
+    assert (shm / "other_app" / "cache.bin").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"every_n_steps": 0},
+        {"every_n_seconds": 0},
+        {"keep_every": 0},
+        {"keep_best": ("loss")},
+        {"keep_best": ("loss", "2")},
+        {"keep_best": ("loss", 0)},
+        {"best_mode": "Max"},
+        {"mode": "later"},
+        {"if_busy": "drop"},
+        {"keep_last": 0},
+    ],
+    ids=str,
+)
+def test_bad_arguments_are_refused(ckpt_root: str, kwargs: dict[str, object]) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        CheckpointManager(ckpt_root, **kwargs)  # type: ignore[arg-type]
+
+
 def test_one_unsafe_checkpoint_directory_does_not_hide_the_others(
     ckpt_root: str, tmp_path: pathlib.Path
 ) -> None:

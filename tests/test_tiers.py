@@ -60,15 +60,27 @@ def assert_restored(state: dict[str, Any], step: int, rank: int = 0, world: int 
     assert torch.equal(state["b"], expected["b"]) and state["loader"] == expected["loader"]
 
 
-def train(rank: int, world: int, tiers: list[str], env: dict[str, str], steps: int) -> None:
+def train(
+    rank: int, world: int, tiers: list[str], env: dict[str, str], steps: int, close: bool = True
+) -> None:
     """Lazy saves of steps 1..``steps`` through every tier, keeping the last 2 per durable
-    tier and 1 in memory."""
+    tier and 1 in memory; closing the manager (empties the memory tier) or, as a trainer that
+    died, not."""
     os.environ.update(env)  # forkserver children do not see the test's environment changes
     drain.COPY_CHUNK = 1 << 20  # several chunks per file: copies must stream
     manager = CheckpointManager(tiers, every_n_steps=1, keep_last=2, mode="lazy")
     for step in range(1, steps + 1):
         manager.maybe_save(step, rank_state(step, rank, world))
-    manager.close()
+    manager.wait()
+    memory, disk = LocalStorage(tiers[0].removeprefix("memory://")), LocalStorage(tiers[1])
+    if rank == 0:
+        assert committed(memory) == [name(steps)], "the memory tier keeps only the newest"
+    newest = memory.child(name(steps))
+    for file in newest.list():  # this rank's node holds its own files of the newest
+        assert newest.read(file) == disk.read(f"{name(steps)}/{file}"), file
+    if close:
+        manager.close()
+        assert committed(memory) == [] and memory.children() == [], "closed: durable elsewhere"
 
 
 def test_tier_spelling(tmp_path: os.PathLike[str]) -> None:
@@ -97,8 +109,7 @@ def test_memory_disk_s3_hold_identical_copies(
     tiers = [f"memory://{shm}", disk_dir, s3_root]
     run_distributed(2, train, tiers, env, 3, timeout=120)
 
-    memory, disk, s3 = LocalStorage(shm), LocalStorage(disk_dir), S3Storage(s3_root)
-    assert committed(memory) == [name(3)], "the memory tier keeps only the newest"
+    disk, s3 = LocalStorage(disk_dir), S3Storage(s3_root)
     assert committed(disk) == committed(s3) == [name(2), name(3)], "keep_last=2 on each"
     for step in (2, 3):
         manifest = disk.read(f"{name(step)}/manifest.json")
@@ -109,15 +120,13 @@ def test_memory_disk_s3_hold_identical_copies(
         for file, size in files.items():
             data = disk.read(f"{name(step)}/{file}")
             assert len(data) == size and s3.read(f"{name(step)}/{file}") == data, file
-            if step == 3:
-                assert memory.read(f"{name(step)}/{file}") == data
         unickpt.verify(s3.child(name(step)))
     assert s3.read("latest") == disk.read("latest") == name(3).encode()
 
     listed = [(i.step, i.tiers, i.path) for i in CheckpointManager(tiers).list()]
     assert listed == [
         (2, (disk_dir, s3_root), f"{disk_dir}/{name(2)}"),
-        (3, (f"memory://{shm}", disk_dir, s3_root), f"{shm}/{name(3)}"),
+        (3, (disk_dir, s3_root), f"{disk_dir}/{name(3)}"),
     ]
     state = blank_state(0, 1)
     unickpt.load(s3.child(name(3)), state, strict=False)  # strict: the state has no RNG rows
@@ -171,11 +180,12 @@ def test_memory_tier_outlives_a_killed_trainer(env: dict[str, str]) -> None:
         crashed_save = f"{name(3)}/data/r00000-0123456789ab-0.safetensors"
         memory.put_atomic(crashed_save, b"what a save killed mid-write leaves")
 
+        manifest = memory.read(f"{name(2)}/manifest.json")
         assert run_distributed(2, restore_after_kill, root, env, timeout=120) == [2, 2]
         assert committed(s3) == [name(2)]
-        assert s3.read(f"{name(2)}/manifest.json") == memory.read(f"{name(2)}/manifest.json")
+        assert s3.read(f"{name(2)}/manifest.json") == manifest
         unickpt.verify(s3.child(name(2)))
-        assert memory.children() == [name(2)], "step 1 retired once 2 was durable; debris gone"
+        assert memory.children() == [], "durable on S3: closing the run emptied the memory tier"
     finally:
         shutil.rmtree(memory_dir, ignore_errors=True)
 
@@ -185,7 +195,7 @@ def test_restore_picks_the_newest_complete_copy_across_tiers(
 ) -> None:
     disk_dir, s3_root = os.path.join(os.fspath(tmp_path), "disk"), fresh_s3("restore")
     tiers = [f"memory://{shm}", disk_dir, s3_root]
-    run_distributed(2, train, tiers, env, 3, timeout=120)  # saved at world 2
+    run_distributed(2, train, tiers, env, 3, False, timeout=120)  # saved at world 2, not closed
     memory, disk, s3 = LocalStorage(shm), LocalStorage(disk_dir), S3Storage(s3_root)
     manager = CheckpointManager(tiers)  # restored at world 1: every load reshards
 
@@ -309,8 +319,10 @@ def blocked_disk_run(rank: int, world: int, shm: str, disk_dir: str) -> dict[str
         os.remove(disk_dir)
     dist.barrier()
     manager.maybe_save(4, rank_state(4, rank, world))
+    manager.wait()
+    after = committed(LocalStorage(shm))
     manager.close()
-    return {"message": message, "undrained": undrained, "after": committed(LocalStorage(shm))}
+    return {"message": message, "undrained": undrained, "after": after}
 
 
 def test_retention_keeps_undrained_checkpoints(shm: str, tmp_path: os.PathLike[str]) -> None:

@@ -35,6 +35,7 @@ from unickpt.engine.result import SaveResult
 from unickpt.errors import (
     CheckpointError,
     CheckpointExistsError,
+    InvalidStateError,
     StateChangedError,
     StorageError,
 )
@@ -49,7 +50,7 @@ from unickpt.format.manifest import (
 )
 from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
-from unickpt.layout.state import SaveView, collect_for_save
+from unickpt.layout.state import SaveView, collect_for_save, plain_metadata, plain_step
 from unickpt.plan.save_plan import PlanCache, SavePlan, ShardMeta, build_save_plan, layout_digest
 from unickpt.storage import RateLimit, Storage, as_rate_limit, open_storage, rate_limited
 from unickpt.telemetry import PhaseTimer
@@ -226,6 +227,12 @@ def prepare_save(
 ) -> PreparedSave:
     storage = open_storage(path, storage_options)
     collected = _collect(state, rank=rank, allow_pickle=allow_pickle, lazy=lazy)
+    try:  # an error is carried to the first collective, like the state's own
+        if step is not None:
+            step = plain_step(step)
+        user_metadata = plain_metadata(user_metadata or {}, "user_metadata")
+    except InvalidStateError as exc:
+        collected.error = collected.error or exc
     return PreparedSave(
         **vars(collected),
         storage=storage,

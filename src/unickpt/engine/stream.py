@@ -41,6 +41,7 @@ from unickpt.format.manifest import (
 )
 from unickpt.format.safetensors_file import FileEntry, encode_header
 from unickpt.layout.box import Box
+from unickpt.layout.state import plain_metadata, plain_step
 from unickpt.storage import Storage, Writer, open_storage
 
 FILE_BYTES = 4 << 30  # a new data file after this many bytes: bounded files for object stores
@@ -167,6 +168,8 @@ def stream_save(
     never touched (CheckpointExistsError).
     """
     storage = open_storage(path, storage_options)
+    step = None if step is None else plain_step(step)
+    metadata = plain_metadata(dict(user_metadata or {}), "user_metadata")
     if storage.exists(MANIFEST):
         raise CheckpointExistsError(f"a committed checkpoint already exists at {storage.url}")
     keys = [key for key, _ in tensors]
@@ -228,7 +231,7 @@ def stream_save(
                 "host": socket.gethostname(),
                 **(writer_info or {}),
             },
-            user_metadata=dict(user_metadata or {}),
+            user_metadata=metadata,
         )
         manifest = Manifest.from_json(manifest.to_json(), where="(about to commit)")
         commit_manifest(storage, manifest)

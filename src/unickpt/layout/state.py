@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -42,6 +43,37 @@ def _is_json(value: object) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def plain_step(step: Any) -> int:
+    """A training step as an int (numpy integers and integer 0-d tensors too)."""
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise InvalidStateError(f"step {step!r} is not an integer") from None
+
+
+def plain_metadata(value: Any, where: str) -> Any:
+    """``value`` (metadata such as metrics) in plain JSON types: 0-d tensors and numpy scalars
+    (a loss, an accuracy) become Python numbers, tuples become lists. Raises
+    InvalidStateError naming the first entry that has no JSON form."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidStateError(f"{where} has the key {key!r}; keys must be str")
+            out[key] = plain_metadata(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [plain_metadata(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        return plain_metadata(value.item(), where)
+    raise InvalidStateError(
+        f"{where} is a {type(value).__name__}, which has no JSON form; use numbers (0-d "
+        "tensors and numpy scalars are taken as theirs), strings, lists and dicts"
+    )
 
 
 def _non_str_keys(value: object) -> list[object]:

@@ -6,6 +6,8 @@ import builtins
 import contextlib
 import json
 import logging
+import math
+import re
 import threading
 import time
 from collections import Counter
@@ -35,6 +37,7 @@ from unickpt.errors import (
 )
 from unickpt.format.manifest import MANIFEST, Manifest, read_manifest
 from unickpt.layout.sharded import ShardedTensor
+from unickpt.layout.state import plain_step
 from unickpt.manager import rng
 from unickpt.manager.drain import Drainer, DrainError, drain
 from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers
@@ -43,6 +46,8 @@ from unickpt.storage import as_rate_limit
 log = logging.getLogger("unickpt")
 
 LATEST = "latest"
+# The manager's own checkpoints; anything else under a tier's root is not its to list or delete.
+_NAME = re.compile(r"step_\d{10,}")
 RNG_KEY = "__rng__"
 _MAX_RNG_WORDS = 1 << 20  # a row is ~1.3k words (+ 2 per CUDA device); far more is corrupt
 # Failures that make restore try the next candidate; anything else (a state that does not
@@ -69,6 +74,53 @@ class CheckpointInfo:
 
 def _order(info: CheckpointInfo) -> tuple[int, str]:
     return (info.step if info.step is not None else -1, info.name)
+
+
+def _score(value: Any) -> bool:
+    """Whether a metric can rank checkpoints: a number, not a bool, not NaN (a diverged step)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_arguments(
+    every_n_steps: int | None,
+    every_n_seconds: float | None,
+    keep_last: int | None,
+    keep_every: int | None,
+    keep_best: tuple[str, int] | None,
+    best_mode: str,
+    mode: str,
+    if_busy: str,
+    keep_in_memory: int,
+) -> None:
+    def positive_int(name: str, value: object) -> None:
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+
+    positive_int("every_n_steps", every_n_steps)
+    positive_int("keep_every", keep_every)
+    if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
+        raise ValueError("keep_last must be at least 1 (the newest checkpoint is always kept)")
+    if type(keep_in_memory) is not int or keep_in_memory < 1:
+        raise ValueError("keep_in_memory must be at least 1")
+    if every_n_seconds is not None and not (
+        isinstance(every_n_seconds, int | float) and every_n_seconds > 0
+    ):
+        raise ValueError(f"every_n_seconds must be a positive number, not {every_n_seconds!r}")
+    if keep_best is not None and not (
+        isinstance(keep_best, tuple)
+        and len(keep_best) == 2
+        and isinstance(keep_best[0], str)
+        and type(keep_best[1]) is int
+        and keep_best[1] >= 1
+    ):
+        raise ValueError(f"keep_best must be a (metric name, count >= 1) tuple, not {keep_best!r}")
+    for name, value, allowed in (
+        ("best_mode", best_mode, ("min", "max")),
+        ("mode", mode, ("sync", "async", "lazy")),
+        ("if_busy", if_busy, ("wait", "skip")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
 
 
 class CheckpointManager:
@@ -110,10 +162,17 @@ class CheckpointManager:
         keep_in_memory: int = 1,
         max_write_rate: float | None = None,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be at least 1 (the newest checkpoint is always kept)")
-        if keep_in_memory < 1:
-            raise ValueError("keep_in_memory must be at least 1")
+        _check_arguments(
+            every_n_steps,
+            every_n_seconds,
+            keep_last,
+            keep_every,
+            keep_best,
+            best_mode,
+            mode,
+            if_busy,
+            keep_in_memory,
+        )
         self.tiers: list[Tier] = parse_tiers(root_or_tiers, storage_options)
         self.root = self.tiers[0].root
         self.every_n_steps = every_n_steps
@@ -138,6 +197,10 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._active: Counter[str] = Counter()  # checkpoints with a save or drain still to run
         self._errors: list[DrainError] = []
+        self._failed_saves: list[str] = []  # background saves that failed, until wait() says so
+        # Committed checkpoints restore skipped as unusable, newer than the one it restored
+        # (name -> tier indices): the resumed run replaces each when it saves that step again.
+        self._superseded: dict[str, set[int]] = {}
         self._backlog_warned = 0
         self._reported = 0
         self._last_save = time.monotonic()
@@ -176,6 +239,9 @@ class CheckpointManager:
     ) -> SaveResult | SaveHandle | None:
         """Save ``state`` as step ``step`` to the fastest tier if the schedule (or ``force``)
         says so; draining to the slower tiers follows in the background."""
+        step = plain_step(step)
+        if step < 0:
+            raise ValueError(f"step must be at least 0, not {step}")
         if not (force or self._due(step)):
             if self.mode != "sync" and not self._pool_planned:
                 # Plan and fill the staging pool in the background now, so that the first
@@ -187,6 +253,8 @@ class CheckpointManager:
         self._pool_planned = True
         self._last_save = time.monotonic()
         name = self.name_for(step)
+        if name in self._superseded:
+            self._replace_superseded(name)
         full = self._with_rng(state)
         metadata = {"metrics": dict(metrics or {})}
         target = self.tiers[0].storage.child(name)
@@ -216,6 +284,15 @@ class CheckpointManager:
             self._submit(name, handle, source=0)
         return handle
 
+    def _replace_superseded(self, name: str) -> None:
+        """Remove ``name``, a checkpoint restore skipped as unusable, before saving it anew.
+        Every rank calls this at the same point."""
+        for index in sorted(self._superseded.pop(name)):
+            if self.tiers[index].memory or self._comm.rank == 0:  # memory: each node its own
+                self._delete(index, name, "restore skipped it as unusable; saved again now")
+        if self._comm.world_size > 1:  # no rank claims the path before it is gone everywhere
+            self._comm.all_gather_bytes(b"")
+
     def _with_rng(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` plus this rank's RNG states (one row of a tensor sharded over ranks)."""
         if not self.save_rng:
@@ -231,9 +308,10 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every save and drain started by this manager is over.
 
-        Raises StorageError naming each checkpoint and tier a drain failed for since the last
-        call (the checkpoint stays on the faster tiers; :attr:`drain_errors` keeps them all).
-        A failed save is logged, as before.
+        Raises, once, for what failed since the last call: a background save (nothing was
+        committed for it; CheckpointError), or a drain (StorageError naming the checkpoint
+        and tier: the checkpoint stays on the faster tiers; :attr:`drain_errors` keeps them
+        all). Each failure is logged when it happens, too.
         """
         if self._reservation is not None:
             with contextlib.suppress(Exception):  # logged where it failed, like a failed save
@@ -241,23 +319,68 @@ class CheckpointManager:
         self._drainer.wait()
         with self._lock:
             new, self._reported = self._errors[self._reported :], len(self._errors)
+            failed, self._failed_saves = self._failed_saves, []
+        drains = (
+            "checkpoint(s) did not reach every tier; they remain on the faster tiers: "
+            + "; ".join(str(e) for e in new)
+        )
+        if failed:
+            saves = "checkpoint(s) not saved, nothing was committed: " + "; ".join(failed)
+            raise CheckpointError(saves + (f"; and {drains}" if new else ""))
         if new:
-            raise StorageError(
-                "checkpoint(s) did not reach every tier; they remain on the faster tiers: "
-                + "; ".join(str(e) for e in new)
-            )
+            raise StorageError(drains)
 
     def close(self) -> None:
         """Wait for every save and drain (raising as :meth:`wait` does), then free the host
-        memory that staged them and the drains' process group."""
+        memory that staged them, the memory tier's checkpoints that a slower tier holds (tmpfs
+        is RAM; a restart restores from the slower tier), and the drains' process group."""
+        error: Exception | None = None
         try:
             self.wait()
+        except Exception as exc:  # every rank still takes part in what follows
+            error = exc
+        try:
+            self._release_memory_tier(clean=error is None)
         finally:
             release_staging_memory()
             self._pool_planned, self._reservation = False, None
             if self._group is not None:
                 dist.destroy_process_group(self._group)
                 self._group = None
+        if error is not None:
+            raise error
+
+    def _release_memory_tier(self, *, clean: bool) -> None:
+        """Remove the memory tier's checkpoints that a slower tier holds byte for byte (the same
+        manifest), unless this run had failures. Rank 0 decides; every rank deletes on its
+        node. Called by every rank."""
+        if len(self.tiers) < 2 or not self.tiers[0].memory:
+            return
+        doomed: builtins.list[str] = []
+        if self._comm.rank == 0 and clean:
+            try:
+                doomed = self._durable_elsewhere()
+            except Exception as exc:  # never skip the collective below
+                log.warning("unickpt: the memory tier is left as it is: %s", exc)
+        if self._comm.world_size > 1:
+            doomed = json.loads(self._comm.broadcast_bytes(json.dumps(doomed).encode()))
+        for name in doomed:
+            self._delete(0, name, "the run is closed and a slower tier holds it")
+
+    def _durable_elsewhere(self) -> builtins.list[str]:
+        """The memory tier's checkpoints that a slower tier holds with the same manifest."""
+        listings = self._listings()
+        memory = self.tiers[0].storage
+        out = []
+        for info in listings[0] or []:
+            text = memory.read(f"{info.name}/{MANIFEST}")
+            for index, listing in enumerate(listings[1:], start=1):
+                if any(i.name == info.name for i in listing or []):
+                    slower = self.tiers[index].storage
+                    if slower.read(f"{info.name}/{MANIFEST}") == text:
+                        out.append(info.name)
+                        break
+        return out
 
     def _ensure_group(self) -> None:
         """(Re)create the drains' process group: at construction, and at the first save after
@@ -291,6 +414,8 @@ class CheckpointManager:
                     handle.wait()
                 except Exception as exc:  # every rank sees the same failed save
                     log.error("unickpt: checkpoint %s failed: %s", name, exc)
+                    with self._lock:
+                        self._failed_saves.append(f"{name}: {type(exc).__name__}: {exc}")
                     memory = self.tiers[source]
                     # tmpfs is RAM: drop this node's leftovers (never a committed checkpoint:
                     # the save may have failed because one was already there)
@@ -376,7 +501,7 @@ class CheckpointManager:
         storage = self.tiers[index].storage
         infos = []
         for name in storage.children():
-            if info := self._info(index, name):
+            if _NAME.fullmatch(name) and (info := self._info(index, name)):
                 infos.append(info)
         return sorted(infos, key=_order)
 
@@ -435,7 +560,7 @@ class CheckpointManager:
             }
         if self.keep_best:
             metric, count = self.keep_best
-            scored = [i for i in committed if isinstance(i.metrics.get(metric), int | float)]
+            scored = [i for i in committed if _score(i.metrics.get(metric))]
             scored.sort(key=lambda i: i.metrics[metric], reverse=self.best_mode == "max")
             keep |= {i.name for i in scored[:count]}
         return [i.name for i in committed if i.name not in keep]
@@ -453,25 +578,25 @@ class CheckpointManager:
                     if tier.memory:
                         in_memory = victims
                     for name in [] if tier.memory else victims:
-                        self._delete(index, name)
+                        self._delete(index, name, "retention")
             except Exception as exc:  # never skip the collective below
                 log.warning("unickpt: retention skipped: %s", exc)
         if self.tiers[0].memory:
             doomed = json.dumps(in_memory).encode()
             for name in json.loads(self._drain_comm.broadcast_bytes(doomed)):
-                self._delete(0, name)
+                self._delete(0, name, "retention")
 
-    def _delete(self, index: int, name: str) -> None:
+    def _delete(self, index: int, name: str, why: str) -> None:
         storage = self.tiers[index].storage
         try:
             # Un-commit first: a crash mid-delete leaves an incomplete checkpoint for gc.
             storage.delete(f"{name}/{MANIFEST}")
             storage.delete_prefix(name)
         except Exception as exc:
-            log.warning("unickpt: retention could not remove %s: %s", storage.describe(name), exc)
+            log.warning("unickpt: could not remove %s (%s): %s", storage.describe(name), why, exc)
             return
         self._infos.pop((index, name), None)
-        log.info("unickpt: retention removed %s from %s", name, self.tiers[index].url)
+        log.info("unickpt: removed %s from %s (%s)", name, self.tiers[index].url, why)
 
     # ------------------------------------------------------------------------------ restore
 
@@ -508,6 +633,7 @@ class CheckpointManager:
                 problem = self._agree_restored(name, error)
                 if not problem:
                     log.info("unickpt: restored %s from %s", name, tier.url)
+                    self._supersede(candidates[:at], name)
                     if index + 1 < len(self.tiers):
                         self._submit(name, None, source=index)
                     return step
@@ -521,7 +647,22 @@ class CheckpointManager:
                 problem,
                 "the same step on a slower tier" if following == name else "an older one",
             )
+        self._supersede(candidates, None)
         return None
+
+    def _supersede(self, skipped: builtins.list[tuple[str, int]], restored: str | None) -> None:
+        """Remember the committed checkpoints newer than the restored one (all of them if none
+        was): the run goes on from an older state and will save their steps again."""
+        self._superseded = {}
+        for name, index in skipped:
+            if name != restored:
+                self._superseded.setdefault(name, set()).add(index)
+        if self._superseded:
+            log.warning(
+                "unickpt: restore skipped %s as unusable; each is replaced when the run saves "
+                "its step again",
+                ", ".join(sorted(self._superseded)),
+            )
 
     def _candidates(self) -> builtins.list[tuple[str, int]]:
         """(name, tier index) of every committed checkpoint, in restore order, as rank 0 lists
@@ -557,7 +698,7 @@ class CheckpointManager:
         if message["sweep"]:
             memory = self.tiers[0].storage
             committed = {name for name, index in ordered if index == 0}
-            for name in set(memory.children()) - committed:
+            for name in {n for n in memory.children() if _NAME.fullmatch(n)} - committed:
                 with contextlib.suppress(Exception):
                     memory.delete_prefix(name)
                     log.info("unickpt: removed the incomplete %s from %s", name, memory.url)
