@@ -525,6 +525,24 @@ def test_non_strict_load_still_refuses_a_shape_mismatch(ckpt: str) -> None:
     assert_untouched(target)
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_optimizer_over_other_parameters_is_refused_before_any_read(
+    ckpt_root: str, strict: bool
+) -> None:
+    """The optimizer's param groups are checked with the keys, not after the model's tensors
+    were overwritten."""
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    unickpt.save(ckpt_root, {"model": source, "optim": torch.optim.SGD(source[0].parameters())})
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)  # over both layers
+    with pytest.raises(unickpt.StateMismatchError, match="optim: param group parameters differ"):
+        unickpt.load(ckpt_root, {"model": model, "optim": optim}, strict=strict)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 # -------------------------------------------------------------------- existence and commit
 
 

@@ -65,6 +65,9 @@ def test_sharded_tensor_and_stage_local_keys_across_layouts(tmp_path: os.PathLik
 def test_overlapping_sharded_tensors_are_refused(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(unickpt.InvalidStateError, match="does not fit in global shape"):
         unickpt.ShardedTensor(torch.zeros(6, 4), (10, 4), (5, 0))
+    for offsets in [(4,), (4, 0, 0)]:  # a bare zip() ValueError before
+        with pytest.raises(unickpt.InvalidStateError, match="must have as many dimensions"):
+            unickpt.ShardedTensor(torch.zeros(4, 6), (8, 6), offsets)
     state = {"t": unickpt.ShardedTensor(torch.zeros(5, 4), (10, 4), (0, 0))}
     with pytest.raises(unickpt.InvalidStateError, match=r"'t'.*do not tile.*gap"):
         unickpt.save(os.path.join(os.fspath(tmp_path), "ck"), state)

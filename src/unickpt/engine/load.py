@@ -127,6 +127,12 @@ def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[
             problems.append(
                 f"  {key}: expected an object, found a tensor of shape {list(meta.shape)}"
             )
+    for key, check in view.checks.items():
+        if key in manifest.objects:
+            try:
+                check(manifest.objects[key])
+            except StateMismatchError as exc:
+                problems.append(f"  {exc}")
     if strict:
         problems += [f"  {key}: missing from the checkpoint" for key in missing]
         problems += [f"  {key}: in the checkpoint but not in the state" for key in unexpected]

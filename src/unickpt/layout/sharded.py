@@ -26,8 +26,13 @@ class ShardedTensor:
     def __init__(
         self, local: torch.Tensor, global_shape: Sequence[int], global_offsets: Sequence[int]
     ) -> None:
-        box = Box.of(global_offsets, local.shape)
         shape = tuple(int(s) for s in global_shape)
+        if not len(global_offsets) == local.dim() == len(shape):
+            raise InvalidStateError(
+                f"ShardedTensor: local shape {list(local.shape)}, global shape {list(shape)} "
+                f"and offsets {list(global_offsets)} must have as many dimensions"
+            )
+        box = Box.of(global_offsets, local.shape)
         if not box.within(shape):
             raise InvalidStateError(
                 f"ShardedTensor: local shape {list(local.shape)} at offsets "
@@ -93,35 +98,55 @@ def _check_dense(tensor: torch.Tensor, key: str) -> None:
 def _placement_order(value: DTensor, key: str) -> list[tuple[int, int]]:
     """(mesh dim, tensor dim) of each sharding placement, in the order the shards nest.
 
-    Plain ``Shard`` placements nest left to right. FSDP2 over a TP-sharded dimension marks the
-    outer shard ``_StridedShard(split_factor=k)``: the tensor was cut by the later placements
-    first, so the nesting runs right to left — and each rank still holds a single box.
+    ``Shard`` placements nest left to right. FSDP2 over a TP-sharded dimension marks its shard
+    ``_StridedShard(d, split_factor=k)``: the tensor was cut by the later ``Shard(d)``
+    placements (``k`` pieces in all) first, so it nests right after the last of them — and each
+    rank still holds a single box. A split factor of 1 is a plain ``Shard``.
     """
     ndim = len(value.shape)
+    placements = value.placements
     order: list[tuple[int, int]] = []
-    strided = False
-    for mesh_dim, placement in enumerate(value.placements):
+    after: dict[int, tuple[int, int]] = {}  # mesh dim of a Shard -> the strided shard after it
+    for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, Shard):
             order.append((mesh_dim, placement.dim % ndim))
+            if mesh_dim in after:
+                order.append(after.pop(mesh_dim))
         elif isinstance(placement, _StridedShard):
-            strided = True
             dim = placement.dim % ndim
+            if placement.split_factor == 1:
+                order.append((mesh_dim, dim))
+                continue
             later = [
                 m
-                for m, p in enumerate(value.placements)
+                for m, p in enumerate(placements)
                 if m > mesh_dim and isinstance(p, Shard) and p.dim % ndim == dim
             ]
-            if placement.split_factor != math.prod(value.device_mesh.size(m) for m in later):
+            others = [
+                p
+                for m, p in enumerate(placements)
+                if m != mesh_dim and isinstance(p, _StridedShard) and p.dim % ndim == dim
+            ]
+            pieces = int(placement.split_factor) * int(value.device_mesh.size(mesh_dim))
+            if (
+                not later
+                or others
+                or placement.split_factor != math.prod(value.device_mesh.size(m) for m in later)
+                # Torch cuts uneven strided pieces unlike nested chunks once several Shards
+                # follow; FSDP2 over TP (one follows) nests like chunks at any size.
+                or (len(later) > 1 and int(value.shape[dim]) % pieces != 0)
+            ):
                 raise InvalidStateError(
-                    f"tensor {key!r}: placement {placement} does not describe one box per rank"
+                    f"tensor {key!r}: placements {list(placements)} do not describe one box "
+                    "per rank that unickpt knows how to place"
                 )
-            order.append((mesh_dim, dim))
+            after[later[-1]] = (mesh_dim, dim)
         elif not isinstance(placement, Replicate):
             raise InvalidStateError(
                 f"tensor {key!r}: DTensor placement {placement} is not supported; "
                 "use Shard(d) or Replicate() (reduce Partial placements before saving)"
             )
-    return order[::-1] if strided else order
+    return order
 
 
 def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
@@ -132,7 +157,14 @@ def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
     offsets = [0] * len(shape)
     sizes = list(shape)
     if coordinate is None:  # this rank is not in the mesh: it holds nothing
+        if not shape:
+            raise InvalidStateError(
+                f"tensor {key!r}: a 0-d DTensor on a mesh without this rank is not supported "
+                "(an empty part of a scalar has no box); put it on a mesh of every rank"
+            )
         sizes = [0] * len(shape)
+        if local.numel() == 0:  # torch gives such ranks a 1-d empty tensor, whatever the shape
+            local = local.new_empty(sizes)
     else:
         for mesh_dim, dim in _placement_order(value, key):
             # torch.chunk semantics: ceil-sized pieces, the tail possibly short or empty.

@@ -299,6 +299,9 @@ class LoadView:
 
     shards: dict[str, LocalShard] = field(default_factory=dict)
     objects: dict[str, Setter] = field(default_factory=dict)
+    # Checks of a JSON object the checkpoint holds, run before any data is read: each raises
+    # StateMismatchError if the state cannot take that object.
+    checks: dict[str, Callable[[Any], object]] = field(default_factory=dict)
     finalizers: list[Callable[[], None]] = field(default_factory=list)
 
     def _claim(self, key: str) -> None:
@@ -376,29 +379,40 @@ def _load_optimizer(
             slot(index, name)(current)
         else:
             view.add_object(entry_key, slot(index, name))
-    view.add_object(f"{key}{SEP}param_groups", saved_groups.append)
+
+    def restored_groups(saved: Any) -> list[dict[str, Any]]:
+        """The optimizer's param groups with the saved hyperparameters; StateMismatchError
+        if the saved groups hold other parameters."""
+        groups = [dict(g) for g in opt.state_dict()["param_groups"]]
+        if not isinstance(saved, list) or len(saved) != len(groups):
+            raise StateMismatchError(
+                f"{key}: the checkpoint has {len(saved) if isinstance(saved, list) else '?'} "
+                f"param groups, the optimizer has {len(groups)}"
+            )
+        for live_group, saved_group in zip(groups, saved, strict=True):
+            expected = [pnames[i] for i in live_group["params"]]
+            # The same parameters, in any order: state is keyed by name, not position.
+            saved_params = saved_group.get("params") if isinstance(saved_group, dict) else None
+            if not isinstance(saved_params, list) or sorted(saved_params) != sorted(expected):
+                raise StateMismatchError(
+                    f"{key}: param group parameters differ: checkpoint {saved_params} vs "
+                    f"optimizer {expected}"
+                )
+            for name, value in saved_group.items():
+                if name != "params":
+                    live_group[name] = _restored_hyperparameter(live_group.get(name), value)
+        return groups
+
+    groups_key = f"{key}{SEP}param_groups"
+    view.add_object(groups_key, saved_groups.append)
+    view.checks[groups_key] = restored_groups  # before any tensor is overwritten
 
     def finalize() -> None:
-        groups = [dict(g) for g in opt.state_dict()["param_groups"]]
-        if saved_groups:
-            saved = saved_groups[0]
-            if not isinstance(saved, list) or len(saved) != len(groups):
-                raise StateMismatchError(
-                    f"{key}: the checkpoint has {len(saved) if isinstance(saved, list) else '?'} "
-                    f"param groups, the optimizer has {len(groups)}"
-                )
-            for live_group, saved_group in zip(groups, saved, strict=True):
-                expected = [pnames[i] for i in live_group["params"]]
-                # The same parameters, in any order: state is keyed by name, not position.
-                saved_params = saved_group.get("params")
-                if not isinstance(saved_params, list) or sorted(saved_params) != sorted(expected):
-                    raise StateMismatchError(
-                        f"{key}: param group parameters differ: checkpoint "
-                        f"{saved_group.get('params')} vs optimizer {expected}"
-                    )
-                for name, value in saved_group.items():
-                    if name != "params":
-                        live_group[name] = _restored_hyperparameter(live_group.get(name), value)
+        groups = (
+            restored_groups(saved_groups[0])
+            if saved_groups
+            else [dict(g) for g in opt.state_dict()["param_groups"]]
+        )
         opt.load_state_dict({"state": new_state, "param_groups": groups})
 
     view.finalizers.append(finalize)
