@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 from pool_probe import count_pool_allocations
 from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
@@ -20,11 +25,12 @@ from torch.distributed.tensor import DTensor
 import unickpt
 from unickpt.engine import background
 from unickpt.engine.datafile import DATA_DIR
+from unickpt.engine.load import CheckpointReader
 from unickpt.layout.state import collect_for_save
 from unickpt.storage import LocalStorage, Writer
 from unickpt.storage.local import BUFFERED_WRITE_BYTES
 
-from dist_harness import run_distributed
+from dist_harness import free_port, run_distributed
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -540,3 +546,164 @@ def test_reservation_takes_filling_the_pool_off_the_first_save(
     assert unickpt.reserve_staging(state).wait() is None  # at setup, or beside early steps
     reserved = first_save_stall("reserved")
     assert unreserved >= 1.0 > 0.5 > reserved, (unreserved, reserved)
+
+
+def test_async_saves_from_two_threads_take_turns(ckpt_root: str) -> None:
+    states = {"a": {"w": torch.zeros(1 << 20)}, "b": {"w": torch.ones(1 << 20)}}
+    handles: dict[str, Any] = {}
+
+    def save(path: str, name: str, start: threading.Barrier) -> None:
+        start.wait()
+        handles[path] = unickpt.save(path, states[name], mode="async")
+
+    for trial in range(6):
+        start = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=save, args=(f"{ckpt_root}/{trial}{name}", name, start))
+            for name in states
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    for path, handle in handles.items():
+        assert handle.wait() is not None
+        target = {"w": torch.empty(1 << 20)}
+        unickpt.load(path, target)
+        assert torch.equal(target["w"], states[path[-1]]["w"]), f"{path} holds the other's data"
+
+
+def test_loading_during_a_lazy_save_waits_for_its_copy(ckpt_root: str) -> None:
+    model = torch.nn.Linear(64, 64)
+    state = {"model": model, "optim": torch.optim.SGD(model.parameters(), lr=0.1)}
+    with torch.no_grad():
+        model.weight.zero_()
+    unickpt.save(f"{ckpt_root}/zeros", state)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    storage = _GatedLocal(f"{ckpt_root}/ones")  # the copy has not started when load() runs
+    handle = unickpt.save(storage, state, mode="lazy")
+    threading.Timer(0.3, storage.gate.set).start()
+    unickpt.load(f"{ckpt_root}/zeros", state)  # a rollback, into the state being saved
+    assert handle.wait() is not None
+    assert torch.equal(model.weight, torch.zeros(64, 64))
+    target = {"model": torch.nn.Linear(64, 64)}
+    unickpt.load(storage.root, target, strict=False)
+    assert torch.equal(target["model"].weight, torch.ones(64, 64)), "the snapshot was overwritten"
+
+
+_SCRIPT_ENDS_WITH_A_SAVE = """
+import sys, torch, unickpt
+model = torch.nn.Linear(256, 256)
+torch.save(model.state_dict(), sys.argv[1] + ".pt")
+unickpt.save(sys.argv[1], {"model": model}, mode=sys.argv[2], max_write_rate=4e6)
+if sys.argv[3] == "raise":
+    raise RuntimeError("the loop broke")
+"""
+
+
+@pytest.mark.parametrize("mode", ["lazy", "async"])
+@pytest.mark.parametrize("ending", ["end", "raise"])
+def test_a_save_left_running_at_interpreter_exit_commits(
+    ckpt_root: str, mode: str, ending: str
+) -> None:
+    path = f"{ckpt_root}/final"
+    run = subprocess.run(
+        [sys.executable, "-c", _SCRIPT_ENDS_WITH_A_SAVE, path, mode, ending],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == (0 if ending == "end" else 1), run.stderr
+    assert "unickpt" not in run.stderr, run.stderr
+    target = {"model": torch.nn.Linear(256, 256)}
+    unickpt.load(path, target)
+    expected = torch.load(path + ".pt")
+    assert all(torch.equal(v, expected[k]) for k, v in target["model"].state_dict().items())
+
+
+def test_a_child_forked_during_a_background_save_saves_and_steps(ckpt_root: str) -> None:
+    model = torch.nn.Linear(8, 8)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    storage = _GatedLocal(f"{ckpt_root}/parent")  # the parent's save stays pending across fork
+    handle = unickpt.save(storage, {"model": model, "optim": optim}, mode="lazy")
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker, say: the parent's save thread does not exist here
+        code = 1
+        try:
+            threading.Timer(30, os._exit, args=(2,)).start()
+            model(torch.ones(1, 8)).sum().backward()
+            optim.step()
+            unickpt.save(f"{ckpt_root}/child", {"w": torch.ones(4)})
+            code = 0
+        finally:
+            os._exit(code)
+    storage.gate.set()
+    assert handle.wait() is not None
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child hung on the parent's save"
+    target = {"w": torch.zeros(4)}
+    unickpt.load(f"{ckpt_root}/child", target)
+    assert torch.equal(target["w"], torch.ones(4))
+    unickpt.verify(storage.root)
+
+
+def test_a_failed_background_save_lets_the_state_go(ckpt_root: str) -> None:
+    def failed_save() -> weakref.ref[torch.nn.Module]:
+        model = torch.nn.Linear(256, 256)
+        os.makedirs(f"{ckpt_root}/broken")
+        with open(f"{ckpt_root}/broken/data", "w") as f:  # data/ cannot be created
+            f.write("not a directory")
+        handle = unickpt.save(f"{ckpt_root}/broken", {"model": model}, mode="lazy")
+        with pytest.raises(unickpt.StorageError):
+            handle.wait()
+        return weakref.ref(model)
+
+    model = failed_save()
+    gc.collect()  # the error and the frame it was raised into hold each other
+    assert model() is None, "the failed save still holds the state it was given"
+
+
+def test_if_busy_is_checked() -> None:
+    with pytest.raises(ValueError, match="if_busy must be 'wait' or 'skip', not 'Skip'"):
+        unickpt.save("unused", {"w": torch.ones(1)}, mode="async", if_busy="Skip")  # type: ignore[arg-type]
+
+
+def _destroy_during_save(rank: int, world_size: int, root: str, port: int) -> str | None:
+    storage = _GatedLocal(f"{root}/cut")
+    handle = unickpt.save(storage, {"w": torch.ones(1 << 20)}, mode="lazy")
+    dist.destroy_process_group()  # at the end of a script, without waiting for the save
+    storage.gate.set()
+    try:
+        handle.wait()
+        message = None
+    except unickpt.CheckpointError as exc:
+        message = str(exc)
+    os.environ["MASTER_PORT"] = str(port)  # the harness ends with a barrier
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    return message
+
+
+def test_destroying_the_process_group_under_a_save_is_named(ckpt_root: str) -> None:
+    messages = run_distributed(2, _destroy_during_save, ckpt_root, free_port())
+    assert messages[1] is not None, "rank 1 has no group left to learn the outcome through"
+    for message in messages:
+        if message is None:  # rank 0 may get through: it is the source of every broadcast
+            unickpt.verify(f"{ckpt_root}/cut")
+        else:
+            assert "destroy_process_group() cut off the save to" in message
+            assert "wait() for its handle" in message
+
+
+def test_reading_into_a_tensor_of_a_pending_lazy_save_waits_for_its_copy(ckpt_root: str) -> None:
+    unickpt.save(f"{ckpt_root}/zeros", {"w": torch.zeros(64)})
+    state = {"w": torch.ones(64)}
+    storage = _GatedLocal(f"{ckpt_root}/ones")
+    handle = unickpt.save(storage, state, mode="lazy")
+    threading.Timer(0.3, storage.gate.set).start()
+    with CheckpointReader(f"{ckpt_root}/zeros") as reader:  # as the tools read
+        reader.read("w", out=state["w"])
+    assert handle.wait() is not None and torch.equal(state["w"], torch.zeros(64))
+    target = {"w": torch.zeros(64)}
+    unickpt.load(storage.root, target)
+    assert torch.equal(target["w"], torch.ones(64)), "the snapshot was overwritten"

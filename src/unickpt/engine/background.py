@@ -9,10 +9,14 @@ training loop's own collectives.
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (below)
+import contextlib
 import logging
+import os
 import threading
+import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -21,6 +25,7 @@ import torch.distributed as dist
 from unickpt.engine.buffers import mapped_empty
 from unickpt.engine.comm import Comm
 from unickpt.engine.result import SaveResult
+from unickpt.errors import CheckpointError
 from unickpt.layout.state import find_instances
 
 log = logging.getLogger("unickpt")
@@ -55,7 +60,8 @@ class SaveHandle:
 
     def staged(self, timeout: float | None = None) -> bool:
         """Block until the state has been copied (the caller may then mutate it); False on
-        timeout. Raises the save's error if it failed before or during the copy."""
+        timeout. Raises the save's error if it failed before the copy, or once it is done; a
+        lazy copy refused at its end (StateChangedError) is reported by :meth:`wait`."""
         if not self._staged.wait(timeout):
             return False
         if self._error is not None and self._done.is_set():
@@ -123,11 +129,45 @@ def _aligned_buffer(nbytes: int) -> torch.Tensor:
 
 POOL = StagingPool()
 _lock = threading.Lock()
+# Held by a save() or reserve_staging() call from its admission until its job is registered, so
+# that saves from several threads of one process take turns instead of sharing the pool.
+_calling = threading.RLock()
+# The save running in the background and the lazy one not copied yet, forgotten once done:
+# a handle's error holds the frames it was raised through (the caller's too, once wait()
+# raised it), and those hold the saved state.
 _in_flight: SaveHandle | None = None
 _lazy_pending: SaveHandle | None = None
+_started_any = False  # whether this process ever saved in the background (admit's collective)
 _hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 _tail: threading.Thread | None = None  # the newest background job (save or reservation)
 _group: tuple[object, dist.ProcessGroup] | None = None
+
+
+@contextlib.contextmanager
+def one_caller() -> Iterator[None]:
+    """One thread at a time starts a save (or reservation) in this process."""
+    with _calling:
+        yield
+
+
+def _finish_before_exit() -> None:
+    """At interpreter exit, let the background save finish before thread pools stop taking work
+    (threading's exit hooks run newest first: concurrent.futures registered its own earlier)."""
+    with contextlib.suppress(Exception):
+        _join_tail()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) has none of the parent's threads: waiting on their
+    saves, or on locks they held, would hang it."""
+    global _lock, _calling, _in_flight, _lazy_pending, _tail, _group, _started_any
+    _lock, _calling = threading.Lock(), threading.RLock()
+    _in_flight = _lazy_pending = _tail = None
+    _group, _started_any = None, False
+
+
+threading._register_atexit(_finish_before_exit)  # type: ignore[attr-defined]
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def checkpoint_comm() -> Comm:
@@ -156,8 +196,8 @@ def admit(policy: BusyPolicy, comm: Comm) -> bool:
     Processes that never saved in the background (the same on every rank: SPMD) skip the check.
     """
     with _lock:
-        previous = _in_flight
-    if previous is None:
+        previous, started = _in_flight, _started_any
+    if not started:
         return True
     busy = previous is not None and not previous.done
     if comm.world_size > 1:  # the choice must be the same everywhere, or collectives deadlock
@@ -176,8 +216,9 @@ def admit(policy: BusyPolicy, comm: Comm) -> bool:
 def release_staging_memory() -> None:
     """Wait for the save in flight (and any reservation), then free the staging pool's host
     memory."""
-    _join_tail()
-    POOL.clear()
+    with one_caller():
+        _join_tail()
+        POOL.clear()
 
 
 def _join_tail() -> None:
@@ -214,7 +255,7 @@ def reserve(job: Callable[[], None]) -> SaveHandle:
         try:
             job()
         except BaseException as exc:
-            log.warning("unickpt: could not prepare the staging pool: %s", exc)
+            log.warning("unickpt: could not prepare the staging pool: %s", str(exc))
             handle._finish(None, exc)
         else:
             handle._finish(None, None)
@@ -241,6 +282,28 @@ def _install_hooks(state: object) -> None:
             _hooked.add(optimizer)
 
 
+def _forget(handle: SaveHandle) -> None:
+    global _in_flight, _lazy_pending
+    with _lock:
+        if _in_flight is handle:
+            _in_flight = None
+        if _lazy_pending is handle:
+            _lazy_pending = None
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the locals of the frames ``error`` (and the errors it chains) was raised through:
+    the handle keeps the error after the save (admit() looks at it), and those locals hold the
+    saved state. The tracebacks keep their lines."""
+    pending, seen = [error], set()
+    while pending:
+        exc = pending.pop()
+        if id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)
+            pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+
+
 def start(
     path: str,
     stage: Callable[[], None],
@@ -251,8 +314,9 @@ def start(
 ) -> SaveHandle:
     """Run ``stage`` (here, or in the background when ``lazy``) and then ``finish`` in the
     background; the returned handle reports both."""
-    global _in_flight, _lazy_pending
+    global _in_flight, _lazy_pending, _started_any
     _ensure_group()
+    distributed = _group is not None
     handle = SaveHandle(path)
     if not lazy:
         _join_tail()  # a reservation may still be filling the pool
@@ -274,11 +338,23 @@ def start(
                     handle._staged.set()  # never leave a step hook blocked
             handle._finish(finish(), None)
         except BaseException as exc:
-            log.error("unickpt: background save to %s failed: %s", path, exc)
+            if distributed and not dist.is_initialized():
+                cut_off = CheckpointError(
+                    f"destroy_process_group() cut off the save to {path}, before or after it "
+                    "committed: wait() for its handle (or close() the CheckpointManager) before "
+                    "destroying the process group"
+                )
+                cut_off.__cause__ = exc
+                exc = cut_off
+            # The text, not the error: a handler that keeps records would keep its frames.
+            log.error("unickpt: background save to %s failed: %s", path, str(exc))
+            _clear_frames(exc)
             handle._finish(None, exc)
+        finally:
+            _forget(handle)
 
     with _lock:
-        _in_flight = handle
+        _in_flight, _started_any = handle, True
         if lazy:
             _lazy_pending = handle
     _spawn(run)

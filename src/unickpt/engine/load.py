@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from unickpt.engine.background import before_update
 from unickpt.engine.buffers import byte_view
 from unickpt.engine.comm import Comm
 from unickpt.engine.devices import DeviceWork
@@ -181,8 +182,10 @@ def _load(
         readers: dict[str, Reader] = {}
         try:
             # The reader threads overwrite tensors that work queued on the caller's streams
-            # may still use.
+            # may still use, or that a lazy save has still to copy (its version check cannot
+            # see writes into tensor memory).
             DeviceWork.record(s.local for s in view.shards.values()).wait()
+            before_update()
             for name in sorted({job[0].chunk.file for job in jobs}):
                 readers[name] = _open_checked(storage, manifest, name)
             jobs.sort(key=lambda j: (j[0].chunk.file, j[0].ranges[0][0]))
@@ -269,6 +272,8 @@ class CheckpointReader:
             raise StateMismatchError(
                 f"{key}: expected {dtype} {list(meta.shape)}, got {out.dtype} {list(out.shape)}"
             )
+        else:
+            before_update()  # ``out`` may be state a lazy save has still to copy
         shard = LocalShard(out, meta.shape, Box.full(meta.shape))
         jobs: list[Job] = [
             (r, shard, meta)

@@ -183,8 +183,8 @@ def _check_unchanged(prepared: PreparedSave) -> None:
     Every in-place op through a tensor, or a view of it, bumps the tensor's version counter
     (autograd relies on it), so this catches optimizer steps and in-place updates that did not
     wait for :func:`before_update`. Kernels that update their inputs behind autograd's back
-    (batch_norm's running statistics: hence the buffer snapshots) and writes through ``.data``
-    go unseen.
+    (batch_norm's running statistics: hence the buffer snapshots), writes through ``.data`` or a
+    ``.numpy()`` view, and collectives into a state tensor go unseen.
     """
     changed = [
         key
@@ -332,9 +332,12 @@ def save(
     in-place update). The buffers of modules in ``state``, which forward passes may update
     (BatchNorm's running statistics), are copied at the call instead. A lazy save whose state
     was updated in place before its copy was done fails with :class:`StateChangedError`
-    (nothing is committed) rather than saving a mix of two states. One save is in flight
-    per process: ``if_busy`` says whether a new one waits for it or is skipped (every rank
-    makes the same choice; it is logged).
+    (nothing is committed) rather than saving a mix of two states; writes it cannot see (through
+    ``.data`` or ``.numpy()``, collectives such as ``dist.all_reduce`` into a state tensor) need
+    :func:`before_update` first. One save is in flight per process: ``if_busy`` says whether
+    a new one waits for it or is skipped (every rank makes the same choice; it is logged).
+    Background saves need the process group until they finish: ``wait()`` on the handle before
+    ``dist.destroy_process_group()``.
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
     ``max_write_rate`` caps the bytes per second this process writes for the save (pass one
     :class:`~unickpt.storage.RateLimit` to several operations to cap them together), for
@@ -342,7 +345,34 @@ def save(
     """
     if mode not in ("sync", "async", "lazy"):
         raise ValueError(f"mode must be 'sync', 'async' or 'lazy', not {mode!r}")
-    write_limit = as_rate_limit(max_write_rate)
+    if if_busy not in ("wait", "skip"):
+        raise ValueError(f"if_busy must be 'wait' or 'skip', not {if_busy!r}")
+    with background.one_caller():  # threads of one process take turns: the pool is one
+        return _save(
+            path,
+            state,
+            mode=mode,
+            step=step,
+            user_metadata=user_metadata,
+            allow_pickle=allow_pickle,
+            if_busy=if_busy,
+            storage_options=storage_options,
+            write_limit=as_rate_limit(max_write_rate),
+        )
+
+
+def _save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    mode: SaveMode,
+    step: int | None,
+    user_metadata: dict[str, Any] | None,
+    allow_pickle: bool,
+    if_busy: background.BusyPolicy,
+    storage_options: Mapping[str, Any] | None,
+    write_limit: RateLimit | None,
+) -> SaveResult | background.SaveHandle:
     comm = Comm()
     if not background.admit(if_busy, comm):
         return background.SaveHandle.skipped_save(str(path))
@@ -414,7 +444,8 @@ def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> bac
             collected.timer.total,
         )
 
-    return background.reserve(reserve)
+    with background.one_caller():
+        return background.reserve(reserve)
 
 
 def mark_inflight(storage: Storage) -> None:

@@ -413,7 +413,7 @@ class CheckpointManager:
                 try:
                     handle.wait()
                 except Exception as exc:  # every rank sees the same failed save
-                    log.error("unickpt: checkpoint %s failed: %s", name, exc)
+                    log.error("unickpt: checkpoint %s failed: %s", name, str(exc))
                     with self._lock:
                         self._failed_saves.append(f"{name}: {type(exc).__name__}: {exc}")
                     memory = self.tiers[source]
