@@ -190,6 +190,33 @@ def test_memory_tier_outlives_a_killed_trainer(env: dict[str, str]) -> None:
         shutil.rmtree(memory_dir, ignore_errors=True)
 
 
+_ENDS_WITHOUT_CLOSE = """
+import sys, torch, unickpt
+manager = unickpt.CheckpointManager(sys.argv[1:], every_n_steps=1, mode="lazy")
+for step in (1, 2):  # 8 MiB: a multipart upload, its parts sent from a thread pool
+    manager.maybe_save(step, {"w": torch.full((2 << 20,), float(step))})
+"""
+
+
+def test_a_script_that_ends_without_close_still_drains_every_tier(
+    env: dict[str, str], shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    disk_dir, s3_root = os.path.join(os.fspath(tmp_path), "disk"), fresh_s3("ended")
+    script = subprocess.run(
+        [sys.executable, "-c", _ENDS_WITHOUT_CLOSE, f"memory://{shm}", disk_dir, s3_root],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert script.returncode == 0 and script.stderr == "", script.stderr
+    disk, s3 = LocalStorage(disk_dir), S3Storage(s3_root)
+    assert committed(disk) == committed(s3) == [name(1), name(2)]
+    state = {"w": torch.zeros(2 << 20)}
+    unickpt.load(s3.child(name(2)), state, strict=False)
+    assert torch.equal(state["w"], torch.full((2 << 20,), 2.0))
+
+
 def test_restore_picks_the_newest_complete_copy_across_tiers(
     env: dict[str, str], shm: str, tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,7 +9,6 @@ training loop's own collectives.
 
 from __future__ import annotations
 
-import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (below)
 import contextlib
 import logging
 import os
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from unickpt.engine.buffers import mapped_empty
 from unickpt.engine.comm import Comm
+from unickpt.engine.jobs import JobChain
 from unickpt.engine.result import SaveResult
 from unickpt.errors import CheckpointError
 from unickpt.layout.state import find_instances
@@ -139,7 +139,8 @@ _in_flight: SaveHandle | None = None
 _lazy_pending: SaveHandle | None = None
 _started_any = False  # whether this process ever saved in the background (admit's collective)
 _hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-_tail: threading.Thread | None = None  # the newest background job (save or reservation)
+# Saves and reservations, in the order this rank started them (the same on every rank).
+_jobs = JobChain("unickpt-save")
 _group: tuple[object, dist.ProcessGroup] | None = None
 
 
@@ -150,23 +151,15 @@ def one_caller() -> Iterator[None]:
         yield
 
 
-def _finish_before_exit() -> None:
-    """At interpreter exit, let the background save finish before thread pools stop taking work
-    (threading's exit hooks run newest first: concurrent.futures registered its own earlier)."""
-    with contextlib.suppress(Exception):
-        _join_tail()
-
-
 def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) has none of the parent's threads: waiting on their
-    saves, or on locks they held, would hang it."""
-    global _lock, _calling, _in_flight, _lazy_pending, _tail, _group, _started_any
+    saves, or on locks they held, would hang it (``_jobs`` forgets its own)."""
+    global _lock, _calling, _in_flight, _lazy_pending, _group, _started_any
     _lock, _calling = threading.Lock(), threading.RLock()
-    _in_flight = _lazy_pending = _tail = None
+    _in_flight = _lazy_pending = None
     _group, _started_any = None, False
 
 
-threading._register_atexit(_finish_before_exit)  # type: ignore[attr-defined]
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
@@ -217,32 +210,8 @@ def release_staging_memory() -> None:
     """Wait for the save in flight (and any reservation), then free the staging pool's host
     memory."""
     with one_caller():
-        _join_tail()
+        _jobs.wait()
         POOL.clear()
-
-
-def _join_tail() -> None:
-    with _lock:
-        previous = _tail
-    if previous is not None:
-        previous.join()
-
-
-def _spawn(job: Callable[[], None]) -> None:
-    """Run ``job`` on a new background thread once the previous job's thread has ended: jobs
-    run collectives on the checkpoint group, so they must run one at a time, in the order
-    every rank started them."""
-    global _tail
-
-    def run() -> None:
-        if previous is not None:
-            previous.join()
-        job()
-
-    with _lock:
-        previous = _tail
-        _tail = threading.Thread(target=run, name="unickpt-save", daemon=False)
-        _tail.start()
 
 
 def reserve(job: Callable[[], None]) -> SaveHandle:
@@ -260,7 +229,7 @@ def reserve(job: Callable[[], None]) -> SaveHandle:
         else:
             handle._finish(None, None)
 
-    _spawn(run)
+    _jobs.submit(run)
     return handle
 
 
@@ -319,7 +288,7 @@ def start(
     distributed = _group is not None
     handle = SaveHandle(path)
     if not lazy:
-        _join_tail()  # a reservation may still be filling the pool
+        _jobs.wait()  # a reservation may still be filling the pool
         try:
             stage()
         except BaseException as exc:
@@ -357,5 +326,5 @@ def start(
         _in_flight, _started_any = handle, True
         if lazy:
             _lazy_pending = handle
-    _spawn(run)
+    _jobs.submit(run)
     return handle

@@ -18,9 +18,7 @@ import contextlib
 import json
 import logging
 import re
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from unickpt.engine.comm import Comm
@@ -189,37 +187,3 @@ def drain(
     if outcome:
         raise StorageError(f"drain of {where} failed, nothing was committed there: {outcome}")
     return DrainResult(True, len(mine), nbytes, time.monotonic() - started)
-
-
-class Drainer:
-    """Runs jobs one after another, in submission order, each on a background thread.
-
-    A thread per job (joining its predecessor first) instead of a resident worker: nothing
-    lingers when there is nothing to do, and like a background save a running job keeps the
-    interpreter alive until it is done. Jobs must not raise.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tail: threading.Thread | None = None
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            thread = threading.Thread(
-                target=self._run, args=(self._tail, job), name="unickpt-drain", daemon=False
-            )
-            self._tail = thread
-            thread.start()
-
-    @staticmethod
-    def _run(previous: threading.Thread | None, job: Callable[[], None]) -> None:
-        if previous is not None:
-            previous.join()
-        job()
-
-    def wait(self) -> None:
-        """Block until every job submitted so far has finished."""
-        with self._lock:
-            tail = self._tail
-        if tail is not None:
-            tail.join()

@@ -25,6 +25,7 @@ from unickpt.engine.background import (
     release_staging_memory,
 )
 from unickpt.engine.comm import Comm
+from unickpt.engine.jobs import JobChain
 from unickpt.engine.load import load
 from unickpt.engine.result import SaveResult
 from unickpt.engine.save import SaveMode, reserve_staging, save
@@ -39,7 +40,7 @@ from unickpt.format.manifest import MANIFEST, Manifest, read_manifest
 from unickpt.layout.sharded import ShardedTensor
 from unickpt.layout.state import plain_step
 from unickpt.manager import rng
-from unickpt.manager.drain import Drainer, DrainError, drain
+from unickpt.manager.drain import DrainError, drain
 from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers
 from unickpt.storage import as_rate_limit
 
@@ -193,7 +194,7 @@ class CheckpointManager:
         self._group: dist.ProcessGroup | None = None
         self._drain_comm = Comm()
         self._ensure_group()
-        self._drainer = Drainer()
+        self._drainer = JobChain("unickpt-drain")
         self._lock = threading.Lock()
         self._active: Counter[str] = Counter()  # checkpoints with a save or drain still to run
         self._errors: list[DrainError] = []
