@@ -17,6 +17,7 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
+from gated_storage import GatedLocal
 from pool_probe import count_pool_allocations
 from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
@@ -272,20 +273,8 @@ def test_a_rank_stages_only_what_it_writes(ckpt_root: str) -> None:
     assert torch.equal(target["a"], torch.randn(12 * 2**20))
 
 
-class _GatedLocal(LocalStorage):
-    """Local storage whose every existence check waits for ``gate``."""
-
-    def __init__(self, root: str) -> None:
-        super().__init__(root)
-        self.gate = threading.Event()
-
-    def exists(self, path: str) -> bool:
-        assert self.gate.wait(timeout=60), "gate never opened"
-        return super().exists(path)
-
-
 def test_lazy_save_call_does_no_storage_io(ckpt_root: str) -> None:
-    storage = _GatedLocal(f"{ckpt_root}/gated")
+    storage = GatedLocal(f"{ckpt_root}/gated")
     state = {"w": torch.randn(256, 256)}
     expected = state["w"].clone()
     handle = unickpt.save(storage, state, mode="lazy")  # returns although storage would block
@@ -304,7 +293,7 @@ def test_lazy_save_keeps_buffers_as_of_the_call(ckpt_root: str) -> None:
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _step(model, optim, 0)
     expected = _snapshot(model, optim)
-    storage = _GatedLocal(f"{ckpt_root}/gated")  # holds the background copy back
+    storage = GatedLocal(f"{ckpt_root}/gated")  # holds the background copy back
     handle = unickpt.save(storage, {"model": model, "optim": optim}, mode="lazy")
     model(torch.randn(16, 64)).square().mean().backward()  # updates the running statistics
     assert not torch.equal(model[1].running_mean, expected["model.1.running_mean"])
@@ -329,7 +318,7 @@ def test_lazy_save_refuses_a_state_updated_before_its_copy(ckpt_root: str) -> No
     # state_dict()s, not the objects: no step hook is installed, and the step below does not
     # wait for the background copy, which the gate holds back.
     state = {"model": model.state_dict(), "optim": optim.state_dict()}
-    storage = _GatedLocal(f"{ckpt_root}/torn")
+    storage = GatedLocal(f"{ckpt_root}/torn")
     handle = unickpt.save(storage, state, mode="lazy")
     _step(model, optim, 1)
     storage.gate.set()
@@ -353,7 +342,7 @@ def test_lazy_save_refuses_a_state_updated_before_its_copy(ckpt_root: str) -> No
 
 def _one_rank_updates_early(rank: int, world_size: int, root: str) -> tuple[str, str]:
     state = {"w": torch.full((1024,), float(rank))}
-    storage = _GatedLocal(f"{root}/torn")
+    storage = GatedLocal(f"{root}/torn")
     handle = unickpt.save(storage, state, mode="lazy")
     if rank == 1:
         state["w"].add_(1.0)  # without before_update(): rank 1's copy would be torn
@@ -432,7 +421,7 @@ def test_lazy_save_finds_the_model_and_optimizer_inside_a_stateful_wrapper(
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _step(model, optim, 0)
     expected = _snapshot(model, optim)
-    storage = _GatedLocal(f"{ckpt_root}/gated")  # holds the background copy back
+    storage = GatedLocal(f"{ckpt_root}/gated")  # holds the background copy back
     handle = unickpt.save(storage, {"app": _AppState(model, optim)}, mode="lazy")
     model(torch.randn(16, 64)).square().mean().backward()  # buffers: snapshotted at the call
     storage.gate.set()
@@ -581,7 +570,7 @@ def test_loading_during_a_lazy_save_waits_for_its_copy(ckpt_root: str) -> None:
     unickpt.save(f"{ckpt_root}/zeros", state)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    storage = _GatedLocal(f"{ckpt_root}/ones")  # the copy has not started when load() runs
+    storage = GatedLocal(f"{ckpt_root}/ones")  # the copy has not started when load() runs
     handle = unickpt.save(storage, state, mode="lazy")
     threading.Timer(0.3, storage.gate.set).start()
     unickpt.load(f"{ckpt_root}/zeros", state)  # a rollback, into the state being saved
@@ -625,7 +614,7 @@ def test_a_save_left_running_at_interpreter_exit_commits(
 def test_a_child_forked_during_a_background_save_saves_and_steps(ckpt_root: str) -> None:
     model = torch.nn.Linear(8, 8)
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
-    storage = _GatedLocal(f"{ckpt_root}/parent")  # the parent's save stays pending across fork
+    storage = GatedLocal(f"{ckpt_root}/parent")  # the parent's save stays pending across fork
     handle = unickpt.save(storage, {"model": model, "optim": optim}, mode="lazy")
     pid = os.fork()
     if pid == 0:  # a DataLoader worker, say: the parent's save thread does not exist here
@@ -670,7 +659,7 @@ def test_if_busy_is_checked() -> None:
 
 
 def _destroy_during_save(rank: int, world_size: int, root: str, port: int) -> str | None:
-    storage = _GatedLocal(f"{root}/cut")
+    storage = GatedLocal(f"{root}/cut")
     handle = unickpt.save(storage, {"w": torch.ones(1 << 20)}, mode="lazy")
     dist.destroy_process_group()  # at the end of a script, without waiting for the save
     storage.gate.set()
@@ -698,7 +687,7 @@ def test_destroying_the_process_group_under_a_save_is_named(ckpt_root: str) -> N
 def test_reading_into_a_tensor_of_a_pending_lazy_save_waits_for_its_copy(ckpt_root: str) -> None:
     unickpt.save(f"{ckpt_root}/zeros", {"w": torch.zeros(64)})
     state = {"w": torch.ones(64)}
-    storage = _GatedLocal(f"{ckpt_root}/ones")
+    storage = GatedLocal(f"{ckpt_root}/ones")
     handle = unickpt.save(storage, state, mode="lazy")
     threading.Timer(0.3, storage.gate.set).start()
     with CheckpointReader(f"{ckpt_root}/zeros") as reader:  # as the tools read

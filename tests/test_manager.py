@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from gated_storage import GatedLocal
 from pool_probe import count_pool_allocations
 from torch.distributed.fsdp import fully_shard
 
@@ -300,6 +301,7 @@ def test_the_manager_keeps_to_its_own_checkpoints(ckpt_root: str, tmp_path: path
     [
         {"every_n_steps": 0},
         {"every_n_seconds": 0},
+        {"every_n_seconds": True},
         {"keep_every": 0},
         {"keep_best": ("loss")},
         {"keep_best": ("loss", "2")},
@@ -415,3 +417,78 @@ def test_manager_fills_the_staging_pool_before_its_first_save(
     assert [r.step for r in results] == [3, 6]
     assert results[0].plan_cache_hit or mode == "sync"  # planned by the reservation
     assert background.POOL.nbytes == 0
+
+
+def test_restore_fills_top_level_values_and_load_reads_manager_checkpoints(
+    ckpt_root: str,
+) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="sync")
+    state = {**_state(), "step": 7, "losses": [1.0, 2.0]}
+    manager.maybe_save(7, state)
+    fresh = {**_state(seed=1), "step": 0, "losses": []}
+    assert CheckpointManager(ckpt_root).restore(fresh) == 7
+    assert (
+        fresh["step"] == 7 and fresh["losses"] == [1.0, 2.0] and fresh["loader"] == {"position": 0}
+    )
+    plain = {**_state(seed=2), "step": 0, "losses": []}
+    result = unickpt.load(manager.latest(), plain)  # strict: the RNG rows are the manager's
+    assert result.unexpected_keys == ["__rng__"] and plain["step"] == 7
+    model = plain["model"]
+    assert isinstance(model, torch.nn.Module)
+    expected = state["model"]
+    assert isinstance(expected, torch.nn.Module)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters(), strict=True)
+    )
+
+
+def test_a_forced_save_of_the_step_just_saved_is_not_made_twice(ckpt_root: str) -> None:
+    for mode in ("sync", "lazy"):
+        manager = CheckpointManager(f"{ckpt_root}/{mode}", every_n_steps=5, mode=mode)
+        state = _state()
+        for step in range(1, 6):
+            manager.maybe_save(step, state)
+        assert manager.maybe_save(5, state, force=True) is None  # the loop's final save
+        manager.close()
+        assert _steps(manager) == [5]
+        resumed = CheckpointManager(f"{ckpt_root}/{mode}", every_n_steps=5, mode=mode)
+        assert resumed.restore(_state(seed=1)) == 5
+        assert resumed.maybe_save(5, state, force=True) is None
+        resumed.close()
+
+
+def test_a_sync_save_skipped_while_another_is_in_flight_records_nothing(ckpt_root: str) -> None:
+    manager = CheckpointManager(f"{ckpt_root}/run", every_n_steps=1, mode="sync", if_busy="skip")
+    storage = GatedLocal(f"{ckpt_root}/other")
+    other = unickpt.save(storage, {"w": torch.ones(8)}, mode="lazy")
+    skipped = manager.maybe_save(1, _state())
+    assert isinstance(skipped, unickpt.SaveHandle) and skipped.skipped
+    assert skipped.path == f"{ckpt_root}/run/step_0000000001"
+    storage.gate.set()
+    assert other.wait() is not None
+    manager.close()  # nothing failed: nothing was recorded for the skipped step
+    assert _steps(manager) == [] and not os.path.exists(f"{ckpt_root}/run/latest")
+
+
+def test_wrong_arguments_to_the_manager_are_named(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1)
+    with pytest.raises(unickpt.InvalidStateError, match="state must be a dict, not list"):
+        manager.restore([torch.nn.Linear(2, 2)])  # type: ignore[arg-type]
+    with pytest.raises(unickpt.InvalidStateError, match="state must be a dict, not list"):
+        manager.maybe_save(1, [torch.nn.Linear(2, 2)])  # type: ignore[arg-type]
+    with pytest.raises(unickpt.InvalidStateError, match="step True is not an integer"):
+        manager.maybe_save(True, _state())
+    with pytest.raises(ValueError, match="a memory tier needs a slower, durable tier"):
+        CheckpointManager("memory:///dev/shm/unickpt-alone")  # would not outlive the process
+    with pytest.raises(ValueError, match="storage_options configure s3:// tiers"):
+        CheckpointManager([ckpt_root], storage_options={"endpoint": "http://x"})
+    manager.close()
+
+
+def test_a_run_root_given_for_a_checkpoint_is_named(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="sync")
+    manager.maybe_save(1, _state())
+    manager.maybe_save(2, _state())
+    message = "is not a checkpoint but holds checkpoints: step_0000000001, step_0000000002"
+    with pytest.raises(unickpt.CheckpointNotFoundError, match=message):
+        unickpt.verify(ckpt_root)

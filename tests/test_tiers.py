@@ -375,8 +375,9 @@ def test_a_drain_never_overwrites_a_different_checkpoint(
     manager.maybe_save(1, rank_state(1, 0, 1))
     manager.wait()
     before = LocalStorage(disk_dir).read(f"{name(1)}/manifest.json")
-    shutil.rmtree(os.path.join(shm, name(1)))
-    manager.maybe_save(1, rank_state(2, 0, 1))
+    manager.close()  # empties the memory tier: step 1 is on disk
+    manager = CheckpointManager([f"memory://{shm}", disk_dir], every_n_steps=1, mode="sync")
+    manager.maybe_save(1, rank_state(2, 0, 1))  # a new run, not restored from the old one
     with pytest.raises(unickpt.StorageError, match="already holds a different checkpoint"):
         manager.close()
     assert LocalStorage(disk_dir).read(f"{name(1)}/manifest.json") == before

@@ -24,7 +24,7 @@ from unickpt.errors import (
 )
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import torch_dtype
-from unickpt.format.manifest import Manifest, TensorMeta, read_manifest
+from unickpt.format.manifest import RESERVED_KEYS, Manifest, TensorMeta, read_manifest
 from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
 from unickpt.layout.state import LoadView, collect_for_load
@@ -136,7 +136,11 @@ def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[
                 problems.append(f"  {exc}")
     if strict:
         problems += [f"  {key}: missing from the checkpoint" for key in missing]
-        problems += [f"  {key}: in the checkpoint but not in the state" for key in unexpected]
+        problems += [
+            f"  {key}: in the checkpoint but not in the state"
+            for key in unexpected
+            if key not in RESERVED_KEYS
+        ]
     if problems:
         raise StateMismatchError(
             f"state does not match checkpoint ({len(problems)} problem(s)):\n" + "\n".join(problems)

@@ -285,10 +285,25 @@ def save(
     step: int | None = ...,
     user_metadata: dict[str, Any] | None = ...,
     allow_pickle: bool = ...,
-    if_busy: background.BusyPolicy = ...,
+    if_busy: Literal["wait"] = ...,
     storage_options: Mapping[str, Any] | None = ...,
     max_write_rate: float | RateLimit | None = ...,
 ) -> SaveResult: ...
+
+
+@overload
+def save(
+    path: str | Storage,
+    state: dict[str, Any],
+    *,
+    mode: Literal["sync"] = ...,
+    step: int | None = ...,
+    user_metadata: dict[str, Any] | None = ...,
+    allow_pickle: bool = ...,
+    if_busy: background.BusyPolicy,
+    storage_options: Mapping[str, Any] | None = ...,
+    max_write_rate: float | RateLimit | None = ...,
+) -> SaveResult | background.SaveHandle: ...
 
 
 @overload
@@ -335,7 +350,8 @@ def save(
     (nothing is committed) rather than saving a mix of two states; writes it cannot see (through
     ``.data`` or ``.numpy()``, collectives such as ``dist.all_reduce`` into a state tensor) need
     :func:`before_update` first. One save is in flight per process: ``if_busy`` says whether
-    a new one waits for it or is skipped (every rank makes the same choice; it is logged).
+    a new one waits for it or is skipped (every rank makes the same choice; it is logged); a
+    skipped save, a sync one too, returns a :class:`SaveHandle` whose ``skipped`` is True.
     Background saves need the process group until they finish: ``wait()`` on the handle before
     ``dist.destroy_process_group()``.
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
@@ -375,7 +391,7 @@ def _save(
 ) -> SaveResult | background.SaveHandle:
     comm = Comm()
     if not background.admit(if_busy, comm):
-        return background.SaveHandle.skipped_save(str(path))
+        return background.SaveHandle.skipped_save(path.url if isinstance(path, Storage) else path)
     prepared = prepare_save(
         path,
         state,

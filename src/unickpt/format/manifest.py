@@ -25,6 +25,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFLIGHT = "_inflight.json"  # present while a save is running (see docs/FORMAT.md, "gc")
 MAX_MANIFEST_BYTES = 1 << 30
+# The RNG states a CheckpointManager saved, one row per rank: a key reserved for unickpt, which a
+# strict load does not ask the state to name (docs/FORMAT.md, "Keys").
+RNG_KEY = "__rng__"
+RESERVED_KEYS = frozenset({RNG_KEY})
 MAX_DIMS = 64  # dimensions of a tensor (numpy's and torch's limit)
 MAX_COUNT = 1 << 63  # bound of every count: elements, bytes, offsets, sizes (int64)
 _CHECKSUM = re.compile(r"^[0-9a-f]{16}$")
@@ -238,6 +242,14 @@ def read_manifest(storage: Storage) -> Manifest:
     """
     if not storage.exists(MANIFEST):
         if storage.root_exists():
+            # (the first 100 directories: an error path, kept cheap on object stores)
+            held = [c for c in storage.children()[:100] if storage.exists(f"{c}/{MANIFEST}")]
+            if held:  # a run's root (a manager's tier), given for one of its checkpoints
+                more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+                raise CheckpointNotFoundError(
+                    f"{storage.url} is not a checkpoint but holds checkpoints: "
+                    f"{', '.join(held[:3])}{more}; name one of them"
+                )
             raise IncompleteCheckpointError(
                 f"checkpoint {storage.url} is incomplete: it has no committed {MANIFEST} "
                 "(the save was interrupted or is still running); `unickpt gc` removes it"

@@ -45,9 +45,17 @@ def _is_json(value: object) -> bool:
     return True
 
 
+def check_state(state: Any) -> None:
+    """Raise InvalidStateError unless ``state`` is a dict (the root of every saved state)."""
+    if not isinstance(state, dict):
+        raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
+
+
 def plain_step(step: Any) -> int:
-    """A training step as an int (numpy integers and integer 0-d tensors too)."""
+    """A training step as an int (numpy integers and integer 0-d tensors too; not a bool)."""
     try:
+        if isinstance(step, bool):
+            raise TypeError
         return operator.index(step)
     except TypeError:
         raise InvalidStateError(f"step {step!r} is not an integer") from None
@@ -244,8 +252,7 @@ def collect_for_save(
     them, as after an mmap load, do not), for saves that copy the rest later: forward passes
     update buffers such as BatchNorm's running statistics in place, before any optimizer step.
     """
-    if not isinstance(state, dict):
-        raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
+    check_state(state)
     view = SaveView()
     names = _param_names(state)
     buffers = _buffer_views(state) if snapshot_buffers else set()
@@ -424,8 +431,7 @@ def collect_for_load(
     ckpt_objects: set[str],
 ) -> LoadView:
     """Flatten the targets of a load; ``ckpt_*`` describe the checkpoint (for optimizer state)."""
-    if not isinstance(state, dict):
-        raise InvalidStateError(f"state must be a dict, not {type(state).__name__}")
+    check_state(state)
     view = LoadView()
     names = _param_names(state)
 

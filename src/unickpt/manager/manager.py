@@ -36,9 +36,9 @@ from unickpt.errors import (
     IncompleteCheckpointError,
     StorageError,
 )
-from unickpt.format.manifest import MANIFEST, Manifest, read_manifest
+from unickpt.format.manifest import MANIFEST, RNG_KEY, Manifest, read_manifest
 from unickpt.layout.sharded import ShardedTensor
-from unickpt.layout.state import plain_step
+from unickpt.layout.state import check_state, plain_step
 from unickpt.manager import rng
 from unickpt.manager.drain import DrainError, drain
 from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers
@@ -49,7 +49,6 @@ log = logging.getLogger("unickpt")
 LATEST = "latest"
 # The manager's own checkpoints; anything else under a tier's root is not its to list or delete.
 _NAME = re.compile(r"step_\d{10,}")
-RNG_KEY = "__rng__"
 _MAX_RNG_WORDS = 1 << 20  # a row is ~1.3k words (+ 2 per CUDA device); far more is corrupt
 # Failures that make restore try the next candidate; anything else (a state that does not
 # match, a refused pickle) is the caller's to fix and raises.
@@ -104,7 +103,9 @@ def _check_arguments(
     if type(keep_in_memory) is not int or keep_in_memory < 1:
         raise ValueError("keep_in_memory must be at least 1")
     if every_n_seconds is not None and not (
-        isinstance(every_n_seconds, int | float) and every_n_seconds > 0
+        isinstance(every_n_seconds, int | float)
+        and not isinstance(every_n_seconds, bool)
+        and every_n_seconds > 0
     ):
         raise ValueError(f"every_n_seconds must be a positive number, not {every_n_seconds!r}")
     if keep_best is not None and not (
@@ -142,8 +143,9 @@ class CheckpointManager:
     decided by rank 0, so all ranks agree). Retention, on each durable tier, keeps the
     ``keep_last`` newest, every step divisible by ``keep_every``, and the ``keep_best =
     (metric, n)`` best by ``best_mode``; it never deletes the newest committed checkpoint, one
-    being written, or one still to be drained. RNG states (torch CPU, CUDA, numpy, python) are
-    saved per rank and restored when the world size is unchanged.
+    being written, or one still to be drained. With ``save_rng`` (the default) RNG states
+    (torch CPU, CUDA, numpy, python) are saved per rank, as the checkpoint's ``__rng__`` tensor,
+    and restored when the world size is unchanged; a plain :func:`unickpt.load` ignores them.
     """
 
     def __init__(
@@ -205,6 +207,7 @@ class CheckpointManager:
         self._backlog_warned = 0
         self._reported = 0
         self._last_save = time.monotonic()
+        self._newest: str | None = None  # the checkpoint this manager saved or restored last
         self._infos: dict[tuple[int, str], CheckpointInfo] = {}
         self._pool_planned = False  # whether a save or a reservation has sized the pool
         self._reservation: SaveHandle | None = None
@@ -239,8 +242,15 @@ class CheckpointManager:
         force: bool = False,
     ) -> SaveResult | SaveHandle | None:
         """Save ``state`` as step ``step`` to the fastest tier if the schedule (or ``force``)
-        says so; draining to the slower tiers follows in the background."""
+        says so; draining to the slower tiers follows in the background.
+
+        Returns None when no save is due, or when ``step`` is the step this manager saved or
+        restored last (a final ``force=True`` save after a scheduled one); otherwise the
+        :class:`SaveResult` (sync) or :class:`SaveHandle` (async, lazy); a handle whose
+        ``skipped`` is True when ``if_busy="skip"`` skipped the save, in any mode.
+        """
         step = plain_step(step)
+        check_state(state)
         if step < 0:
             raise ValueError(f"step must be at least 0, not {step}")
         if not (force or self._due(step)):
@@ -252,8 +262,11 @@ class CheckpointManager:
                 self._pool_planned = True
             return None
         self._pool_planned = True
-        self._last_save = time.monotonic()
         name = self.name_for(step)
+        if name == self._newest:
+            log.info("unickpt: %s is saved already; not saving it again", name)
+            return None
+        self._last_save = time.monotonic()
         if name in self._superseded:
             self._replace_superseded(name)
         full = self._with_rng(state)
@@ -268,6 +281,9 @@ class CheckpointManager:
                 if_busy=self.if_busy,
                 max_write_rate=self._write_limit,
             )
+            if isinstance(result, SaveHandle):  # skipped (if_busy="skip"): nothing to record
+                return result
+            self._newest = name
             self._submit(name, None, source=0)
             if len(self.tiers) == 1:  # nothing to drain: retention is done when this returns
                 self._drainer.wait()
@@ -282,6 +298,7 @@ class CheckpointManager:
             max_write_rate=self._write_limit,
         )
         if not handle.skipped:
+            self._newest = name
             self._submit(name, handle, source=0)
         return handle
 
@@ -417,6 +434,8 @@ class CheckpointManager:
                     log.error("unickpt: checkpoint %s failed: %s", name, str(exc))
                     with self._lock:
                         self._failed_saves.append(f"{name}: {type(exc).__name__}: {exc}")
+                        if self._newest == name:  # the step may be saved again
+                            self._newest = None
                     memory = self.tiers[source]
                     # tmpfs is RAM: drop this node's leftovers (never a committed checkpoint:
                     # the save may have failed because one was already there)
@@ -620,6 +639,7 @@ class CheckpointManager:
         (logged) for the next. The restored checkpoint is then drained to the slower tiers
         that lack it (a crashed run's undrained snapshot becomes durable).
         """
+        check_state(state)
         self._drainer.wait()  # drain errors stay for wait() to report
         candidates = self._candidates()
         for at, (name, index) in enumerate(candidates):
@@ -635,6 +655,7 @@ class CheckpointManager:
                 if not problem:
                     log.info("unickpt: restored %s from %s", name, tier.url)
                     self._supersede(candidates[:at], name)
+                    self._newest = name
                     if index + 1 < len(self.tiers):
                         self._submit(name, None, source=index)
                     return step
@@ -769,6 +790,7 @@ class CheckpointManager:
             row = torch.empty((1, length), dtype=torch.int64)
             full[RNG_KEY] = ShardedTensor(row, (world, length), (rank, 0))
         result = load(tier.storage.child(name), full, strict=strict)
+        state.update((key, full[key]) for key in state)  # top-level JSON values were replaced
         if row is not None:
             if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
                 try:

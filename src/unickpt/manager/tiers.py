@@ -83,13 +83,15 @@ def _memory_dir(spec: str) -> str | None:
 def parse_tiers(
     root_or_tiers: RootOrTiers, storage_options: Mapping[str, Any] | None
 ) -> list[Tier]:
-    """The tiers, fastest first. ``storage_options`` go to the ``s3://`` tiers."""
+    """The tiers, fastest first (one root: a one-tier manager). ``storage_options`` go to the
+    ``s3://`` tiers."""
     if isinstance(root_or_tiers, str | os.PathLike):
-        root = os.fspath(root_or_tiers)
-        return [Tier(root, root, open_storage(root, storage_options))]
+        root_or_tiers = [root_or_tiers]
     specs = [os.fspath(spec) for spec in root_or_tiers]
     if not specs:
         raise ValueError("a CheckpointManager needs at least one tier")
+    if storage_options and not any(spec.startswith("s3://") for spec in specs):
+        raise ValueError(f"storage_options configure s3:// tiers, and {specs} has none")
     memory = _memory_dir(specs[0])
     if any(_memory_dir(spec) is not None for spec in specs[1:]):
         raise ValueError(f"the memory tier must come first (the fastest): {specs}")
