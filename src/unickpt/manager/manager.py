@@ -790,7 +790,7 @@ class CheckpointManager:
             row = torch.empty((1, length), dtype=torch.int64)
             full[RNG_KEY] = ShardedTensor(row, (world, length), (rank, 0))
         result = load(tier.storage.child(name), full, strict=strict)
-        state.update((key, full[key]) for key in state)  # top-level JSON values were replaced
+        state.update({key: full[key] for key in state})  # top-level JSON values were replaced
         if row is not None:
             if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
                 try:
