@@ -94,10 +94,9 @@ def test_restore_resumes_state_and_random_streams(ckpt_root: str) -> None:
     assert draws[2] == again[2]
 
 
-def test_restore_skips_a_corrupt_newest_checkpoint(
-    ckpt_root: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+def _save_two_steps_and_truncate_the_newest(root: str) -> dict[str, object]:
+    """Steps 1 and 2 saved by a sync manager, step 2's data file cut short; the trained state."""
+    manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
     state = _state()
     for step in (1, 2):
         _train_step(state, step)
@@ -106,6 +105,13 @@ def test_restore_skips_a_corrupt_newest_checkpoint(
     (data_file,) = unickpt.inspect(newest).files
     with open(os.path.join(newest, data_file), "r+b") as f:
         f.truncate(100)
+    return state
+
+
+def test_restore_skips_a_corrupt_newest_checkpoint(
+    ckpt_root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _save_two_steps_and_truncate_the_newest(ckpt_root)
     with caplog.at_level(logging.WARNING, logger="unickpt"):
         assert CheckpointManager(ckpt_root).restore(_state(seed=3)) == 1
     assert "trying an older one" in caplog.text
@@ -190,15 +196,7 @@ def test_a_run_resumed_past_a_corrupt_checkpoint_saves_that_step_again(
 ) -> None:
     """Restore falls back from a corrupt step 2 to step 1; the resumed run's save of step 2
     replaces the corrupt one instead of colliding with it (which lost it, or every restart)."""
-    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
-    state = _state()
-    for step in (1, 2):
-        _train_step(state, step)
-        manager.maybe_save(step, state)
-    newest = manager.list()[-1].path
-    (data_file,) = unickpt.inspect(newest).files
-    with open(os.path.join(newest, data_file), "r+b") as f:
-        f.truncate(100)
+    state = _save_two_steps_and_truncate_the_newest(ckpt_root)
 
     resumed = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode=mode)
     state = _state(seed=3)
