@@ -382,3 +382,56 @@ def test_a_drain_never_overwrites_a_different_checkpoint(
         manager.close()
     assert LocalStorage(disk_dir).read(f"{name(1)}/manifest.json") == before
     assert committed(LocalStorage(shm)) == [name(1)], "the only copy of the new save stays"
+
+
+def test_close_releases_what_retention_dropped_from_the_durable_tiers(
+    shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    tiers = [f"memory://{shm}", disk_dir]
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_last=1, keep_in_memory=2, mode="sync")
+    for step in (1, 2, 3):
+        manager.maybe_save(step, rank_state(step, 0, 1))
+    manager.wait()
+    assert committed(LocalStorage(shm)) == [name(2), name(3)], "keep_in_memory=2 while running"
+    manager.close()
+    assert committed(LocalStorage(shm)) == [], "a closed run leaves no RAM behind"
+    assert committed(LocalStorage(disk_dir)) == [name(3)]
+
+
+def test_restore_keeps_a_memory_checkpoint_it_cannot_read(
+    shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    tiers = [f"memory://{shm}", disk_dir]
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_in_memory=2, mode="sync")
+    manager.maybe_save(1, rank_state(1, 0, 1))
+    manager.wait()
+    newer = LocalStorage(shm).child(name(2))  # as a newer unickpt leaves it, undrained
+    newer.put_atomic("manifest.json", b'{"format": "unickpt", "version": 2}')
+    newer.put_atomic("data/r00000-0123456789ab-0.safetensors", b"the only copy")
+    state = blank_state(0, 1)
+    assert CheckpointManager(tiers).restore(state, strict=False) == 1
+    assert_restored(state, 1)
+    assert newer.read("data/r00000-0123456789ab-0.safetensors") == b"the only copy"
+
+
+def test_a_drain_clears_what_a_killed_drain_left(shm: str, tmp_path: os.PathLike[str]) -> None:
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    tiers = [f"memory://{shm}", disk_dir]
+    manager = CheckpointManager(tiers, every_n_steps=1, mode="sync")
+    manager.maybe_save(1, rank_state(1, 0, 1))
+    manager.wait()
+    disk, debris = LocalStorage(disk_dir), "data/r00000-0123456789ab-0.safetensors.tmp-5f3a"
+    files = sorted([*unickpt.inspect(disk.child(name(1))).files, "manifest.json"])
+    for killed in ("after publishing", "mid-copy"):
+        if killed == "mid-copy":
+            shutil.rmtree(os.path.join(disk_dir, name(1)))
+        else:
+            disk.put_atomic(f"{name(1)}/_inflight.json", b"{}")
+        disk.put_atomic(f"{name(1)}/{debris}", b"half a file")
+        resumed = CheckpointManager(tiers, every_n_steps=1, mode="sync")
+        assert resumed.restore(blank_state(0, 1), strict=False) == 1  # and drains it again
+        resumed.wait()
+        assert disk.child(name(1)).list() == files, f"debris of a drain killed {killed}"
+        unickpt.verify(disk.child(name(1)))

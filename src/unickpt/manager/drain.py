@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from unickpt.engine.comm import Comm
-from unickpt.engine.save import mark_inflight
+from unickpt.engine.save import mark_inflight, tidy
 from unickpt.errors import CorruptCheckpointError, StorageError
 from unickpt.format.manifest import INFLIGHT, MANIFEST, Manifest
 from unickpt.storage import RateLimit, Storage, rate_limited
@@ -128,9 +128,12 @@ def drain(
                         "it is not overwritten"
                     )
                 intro["present"] = True
+                with contextlib.suppress(Exception):  # what a drain killed after publishing left
+                    tidy(target, Manifest.from_json(text, where=source.describe(MANIFEST)))
             else:
                 manifest = Manifest.from_json(text, where=source.describe(MANIFEST))
                 intro["files"] = manifest.files
+                target_root.delete_prefix(name)  # what a drain killed mid-copy left
                 mark_inflight(target)
         except Exception as exc:
             intro["error"] = _describe(exc)

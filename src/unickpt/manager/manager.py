@@ -208,6 +208,7 @@ class CheckpointManager:
         self._reported = 0
         self._last_save = time.monotonic()
         self._newest: str | None = None  # the checkpoint this manager saved or restored last
+        self._retired: set[str] = set()  # deleted from a durable tier by retention (rank 0)
         self._infos: dict[tuple[int, str], CheckpointInfo] = {}
         self._pool_planned = False  # whether a save or a reservation has sized the pool
         self._reservation: SaveHandle | None = None
@@ -370,14 +371,15 @@ class CheckpointManager:
 
     def _release_memory_tier(self, *, clean: bool) -> None:
         """Remove the memory tier's checkpoints that a slower tier holds byte for byte (the same
-        manifest), unless this run had failures. Rank 0 decides; every rank deletes on its
-        node. Called by every rank."""
+        manifest) or that retention removed from the slower tiers (``keep_in_memory`` kept them
+        for a quick restore, over), unless this run had failures. Rank 0 decides; every rank
+        deletes on its node. Called by every rank."""
         if len(self.tiers) < 2 or not self.tiers[0].memory:
             return
         doomed: builtins.list[str] = []
         if self._comm.rank == 0 and clean:
             try:
-                doomed = self._durable_elsewhere()
+                doomed = self._releasable()
             except Exception as exc:  # never skip the collective below
                 log.warning("unickpt: the memory tier is left as it is: %s", exc)
         if self._comm.world_size > 1:
@@ -385,12 +387,16 @@ class CheckpointManager:
         for name in doomed:
             self._delete(0, name, "the run is closed and a slower tier holds it")
 
-    def _durable_elsewhere(self) -> builtins.list[str]:
-        """The memory tier's checkpoints that a slower tier holds with the same manifest."""
+    def _releasable(self) -> builtins.list[str]:
+        """The memory tier's checkpoints that a slower tier holds with the same manifest, or
+        that retention removed from the slower tiers."""
         listings = self._listings()
         memory = self.tiers[0].storage
         out = []
         for info in listings[0] or []:
+            if info.name in self._retired:
+                out.append(info.name)
+                continue
             text = memory.read(f"{info.name}/{MANIFEST}")
             for index, listing in enumerate(listings[1:], start=1):
                 if any(i.name == info.name for i in listing or []):
@@ -599,6 +605,7 @@ class CheckpointManager:
                         in_memory = victims
                     for name in [] if tier.memory else victims:
                         self._delete(index, name, "retention")
+                        self._retired.add(name)
             except Exception as exc:  # never skip the collective below
                 log.warning("unickpt: retention skipped: %s", exc)
         if self.tiers[0].memory:
@@ -722,6 +729,8 @@ class CheckpointManager:
             committed = {name for name, index in ordered if index == 0}
             for name in {n for n in memory.children() if _NAME.fullmatch(n)} - committed:
                 with contextlib.suppress(Exception):
+                    if memory.exists(f"{name}/{MANIFEST}"):  # unreadable (a newer format?): kept
+                        continue
                     memory.delete_prefix(name)
                     log.info("unickpt: removed the incomplete %s from %s", name, memory.url)
         return ordered
