@@ -385,7 +385,7 @@ class CheckpointManager:
         if self._comm.world_size > 1:
             doomed = json.loads(self._comm.broadcast_bytes(json.dumps(doomed).encode()))
         for name in doomed:
-            self._delete(0, name, "the run is closed and a slower tier holds it")
+            self._delete(0, name, "the run is closed; durable elsewhere or retired there")
 
     def _releasable(self) -> builtins.list[str]:
         """The memory tier's checkpoints that a slower tier holds with the same manifest, or
