@@ -253,6 +253,36 @@ def test_gc_ages_an_untrusted_marker_by_its_object_time(env: dict[str, str]) -> 
     assert storage.children() == []
 
 
+def test_gc_aborts_the_incomplete_uploads_of_a_dead_save(env: dict[str, str], raw: Any) -> None:
+    """A writer killed mid-file leaves a multipart upload no listing shows but the store keeps:
+    removing the checkpoint aborts it; an upload of a checkpoint that stays is left alone."""
+    root = fresh("uploads")
+    storage = S3Storage(root)
+    storage.put_atomic(
+        "step_3/_inflight.json",
+        b'{"host": "gone", "pid": 1, "started": "2020-01-01T00:00:00+00:00"}',
+    )
+    prefix = storage.prefix
+    for key in ("step_3/data/r00000-x-0.safetensors", "step_30/data/r00000-y-0.safetensors"):
+        upload = raw.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{key}")
+        raw.upload_part(
+            Bucket=BUCKET,
+            Key=f"{prefix}/{key}",
+            UploadId=upload["UploadId"],
+            PartNumber=1,
+            Body=b"x" * 1024,
+        )
+    storage.put_atomic("step_30/_inflight.json", b"not json")  # untrusted and young: kept
+    entries = unickpt.collect_garbage(root, min_age=3600)
+    assert {(e.name, e.removed) for e in entries} == {("step_3", True), ("step_30", False)}
+    assert pending_uploads(raw, f"{prefix}/step_3/") == []
+    assert pending_uploads(raw, f"{prefix}/step_30/") == [
+        f"{prefix}/step_30/data/r00000-y-0.safetensors"
+    ]
+    storage.delete_prefix("step_30")
+    assert pending_uploads(raw, prefix) == []
+
+
 RESHARD_SHAPE = (1001, 700)  # odd rows: uneven Shard(0) over two ranks
 
 

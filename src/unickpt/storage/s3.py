@@ -16,10 +16,12 @@ overridden by an explicit ``storage_options`` dict:
 Semantics: a written file becomes visible only when its writer closes (one PutObject for a file
 smaller than ``part_size``, otherwise a multipart upload completed on close); a failed or aborted
 write aborts its upload. If the store is unreachable even the abort fails, leaving an incomplete
-upload that no reader can see: a bucket lifecycle rule (AbortIncompleteMultipartUpload) reaps
-those. ``put_atomic`` is one PutObject, which S3 publishes whole, and S3 reads after writes are
-strongly consistent, so the manifest stays the commit point. There are no directories: children
-are common prefixes, and an empty prefix does not exist.
+upload that no reader can see but the store keeps (and bills): ``delete_prefix`` (gc, the
+manager's sweeps) aborts those under its prefix, and a bucket lifecycle rule
+(AbortIncompleteMultipartUpload) reaps the rest. ``put_atomic`` is one PutObject, which S3
+publishes whole, and S3 reads after writes are strongly consistent, so the manifest stays the
+commit point. There are no directories: children are common prefixes, and an empty prefix does
+not exist.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# What S3-compatible stores that lack an optional call answer (ListMultipartUploads).
+_UNSUPPORTED_CODES = frozenset({"NotImplemented", "501", "MethodNotAllowed", "405"})
 _DENIED_CODES = frozenset(
     {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
 )
@@ -777,8 +781,41 @@ class S3Storage(Storage):
             lambda: shared.client.delete_object(Bucket=shared.bucket, Key=key),
         )
 
+    def _abort_uploads(self, key_prefix: str, where: str) -> None:
+        """Abort the incomplete multipart uploads under ``key_prefix``: a writer killed mid-file
+        leaves one, invisible to listings but stored (and billed) until it is aborted."""
+        shared = self._shared
+        markers: dict[str, str] = {}
+        while True:
+            try:
+                page = shared.client.list_multipart_uploads(
+                    Bucket=shared.bucket, Prefix=key_prefix, **markers
+                )
+                for upload in page.get("Uploads", []):
+                    try:
+                        shared.client.abort_multipart_upload(
+                            Bucket=shared.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    except Exception as exc:
+                        if _error_code(exc)[0] != "NoSuchUpload":  # completed or aborted since
+                            raise
+            except Exception as exc:
+                if _error_code(exc)[0] not in _UNSUPPORTED_CODES | _DENIED_CODES:
+                    raise shared.error("abort the incomplete uploads under", where, exc) from exc
+                # Not allowed or not implemented here: the objects still go; a lifecycle rule
+                # must reap the uploads.
+                log.warning("unickpt: cannot abort incomplete uploads under %s: %s", where, exc)
+                return
+            if not page.get("IsTruncated"):
+                return
+            markers = {
+                "KeyMarker": page.get("NextKeyMarker", ""),
+                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+            }
+
     def delete_prefix(self, prefix: str) -> None:
         shared = self._shared
+        self._abort_uploads(self._key(prefix) + "/", self.describe(prefix))
         keys = self._keys(self._key(prefix) + "/")  # never '': that would be the whole root
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": key} for key in keys[start : start + DELETE_BATCH]]
