@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import os
 import random
@@ -616,6 +617,18 @@ def test_a_child_forked_during_a_background_save_saves_and_steps(ckpt_root: str)
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     storage = GatedLocal(f"{ckpt_root}/parent")  # the parent's save stays pending across fork
     handle = unickpt.save(storage, {"model": model, "optim": optim}, mode="lazy")
+    # Forked while another thread holds the plan cache's lock, as a planning save does briefly
+    plans = importlib.import_module("unickpt.engine.save")._PLANS
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with plans._lock:
+            held.set()
+            release.wait()
+
+    planner = threading.Thread(target=hold_the_lock)
+    planner.start()
+    held.wait()
     pid = os.fork()
     if pid == 0:  # a DataLoader worker, say: the parent's save thread does not exist here
         code = 1
@@ -627,10 +640,14 @@ def test_a_child_forked_during_a_background_save_saves_and_steps(ckpt_root: str)
             code = 0
         finally:
             os._exit(code)
+    release.set()
+    planner.join()
     storage.gate.set()
     assert handle.wait() is not None
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child hung on the parent's save"
+    assert os.waitstatus_to_exitcode(status) == 0, (
+        "the child hung on a lock of the parent's threads"
+    )
     target = {"w": torch.zeros(4)}
     unickpt.load(f"{ckpt_root}/child", target)
     assert torch.equal(target["w"], torch.ones(4))

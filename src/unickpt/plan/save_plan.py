@@ -8,9 +8,12 @@ them. The plan depends only on the global layout, so it is cached under that lay
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -126,6 +129,12 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
     return SavePlan(writes, tensors)
 
 
+def _new_lock(cache: weakref.ref[PlanCache]) -> None:
+    held = cache()
+    if held is not None:
+        held._lock = threading.Lock()
+
+
 class PlanCache:
     """A few recent plans keyed by the digest of the global layout (thread-safe: background
     saves and reservations plan on their own thread)."""
@@ -134,6 +143,9 @@ class PlanCache:
         self._plans: OrderedDict[str, SavePlan] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
+        # A child forked while a planning thread held the lock (a DataLoader worker forked during
+        # a background save) would wait for it forever; the plans themselves are immutable.
+        os.register_at_fork(after_in_child=functools.partial(_new_lock, weakref.ref(self)))
 
     def snapshot(self) -> dict[str, SavePlan]:
         """The plans held now, which later puts and evictions do not change."""
