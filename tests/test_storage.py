@@ -90,6 +90,24 @@ def test_put_atomic_replaces_whole(storage: Storage) -> None:
     assert storage.read("m.json") == b"new content"
 
 
+def test_put_atomic_removes_what_a_killed_put_left(tmp_path: os.PathLike[str]) -> None:
+    """A kill between a put's temporary and its rename leaves the temporary (the manager's
+    ``latest`` at a tier's root, which no sweep looks at): the next put of that path removes
+    it, and leaves other files' temporaries alone."""
+    storage = LocalStorage(str(tmp_path))
+    os.makedirs(os.path.join(tmp_path, "latest.tmp-0123456789ab"))  # unremovable: ignored
+    for name in ("latest.tmp-deadbeef0000", "latest.tmp-[x]", "latest2.tmp-deadbeef0000"):
+        with open(os.path.join(tmp_path, name), "wb") as leftover:
+            leftover.write(b"step_000")
+    storage.put_atomic("latest", b"step_010")
+    assert sorted(os.listdir(tmp_path)) == [
+        "latest",
+        "latest.tmp-0123456789ab",
+        "latest2.tmp-deadbeef0000",
+    ]
+    assert storage.read("latest") == b"step_010"
+
+
 def test_list_child_delete(storage: Storage) -> None:
     for name in ("a/x", "a/y/z", "b/w", "top"):
         storage.put_atomic(name, name.encode())

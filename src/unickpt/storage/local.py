@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import os
 import shutil
 import stat
@@ -93,10 +94,14 @@ def _page_aligned(view: memoryview) -> bool:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
 
+# A file is written as <name><TEMP_INFIX><random>, then renamed to <name> once durable.
+TEMP_INFIX = ".tmp-"
+
+
 class _LocalWriter(Writer):
     def __init__(self, final: str, where: str, *, direct_io: bool) -> None:
         self._final = final
-        self._tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        self._tmp = f"{final}{TEMP_INFIX}{uuid.uuid4().hex[:12]}"
         self._where = where
         self._position = 0
         self._direct_ok = direct_io  # until the filesystem refuses O_DIRECT
@@ -257,6 +262,11 @@ class LocalStorage(Storage):
         return _LocalReader(self._resolve(path), self.describe(path))
 
     def put_atomic(self, path: str, data: bytes) -> None:
+        # Every path put this way has one writer (rank 0), so temporaries of it are left by
+        # earlier puts killed before their rename: nothing else would ever remove them.
+        for stale in glob.glob(glob.escape(self._resolve(path)) + TEMP_INFIX + "*"):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
         with self.open_writer(path) as writer:
             writer.write(data)
 

@@ -21,6 +21,7 @@ from unickpt.errors import CheckpointError
 from unickpt.format.manifest import INFLIGHT, MANIFEST
 from unickpt.format.untrusted import read_json
 from unickpt.storage import Storage, open_storage
+from unickpt.storage.local import TEMP_INFIX
 
 log = logging.getLogger("unickpt")
 
@@ -143,8 +144,10 @@ def _written_by_a_save(path: str) -> bool:
     temporary file at the top, or a data file (or the temporary of one) in ``data/``."""
     top, _, rest = path.partition("/")
     if not rest:
-        return path == INFLIGHT or ".tmp-" in path
-    return top == DATA_DIR and "/" not in rest and (rest.endswith(DATA_SUFFIX) or ".tmp-" in rest)
+        return path == INFLIGHT or TEMP_INFIX in path
+    return (
+        top == DATA_DIR and "/" not in rest and (rest.endswith(DATA_SUFFIX) or TEMP_INFIX in rest)
+    )
 
 
 def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEntry | None:
