@@ -526,6 +526,28 @@ def test_non_strict_load_still_refuses_a_shape_mismatch(ckpt: str) -> None:
 
 
 @pytest.mark.parametrize("strict", [True, False])
+def test_untied_weights_into_tied_ones_are_refused(ckpt_root: str, strict: bool) -> None:
+    """Saved untied, loaded into a state where both names are one tensor: whichever key came
+    last would win. Saved tied (same values), it loads, into tied or untied targets."""
+    emb, head = torch.randn(6, 4), torch.randn(6, 4)
+    unickpt.save(f"{ckpt_root}/untied", {"emb": emb, "head": head, "b": torch.ones(3)})
+    shared = torch.zeros(6, 4)
+    target = {"emb": shared, "head": shared, "b": torch.zeros(3)}
+    with pytest.raises(unickpt.StateMismatchError) as exc:
+        unickpt.load(f"{ckpt_root}/untied", target, strict=strict)
+    message = str(exc.value)
+    assert "emb, head: one tensor in the state (tied), but different values" in message, message
+    assert not shared.any() and not target["b"].any(), "nothing may be loaded"
+
+    unickpt.save(f"{ckpt_root}/tied", {"emb": emb, "head": emb, "b": torch.ones(3)})
+    unickpt.load(f"{ckpt_root}/tied", target, strict=strict)
+    assert torch.equal(shared, emb) and target["head"] is shared
+    untied = {"emb": torch.zeros(6, 4), "head": torch.zeros(6, 4), "b": torch.zeros(3)}
+    unickpt.load(f"{ckpt_root}/tied", untied, strict=strict)
+    assert torch.equal(untied["emb"], emb) and torch.equal(untied["head"], emb)
+
+
+@pytest.mark.parametrize("strict", [True, False])
 def test_optimizer_over_other_parameters_is_refused_before_any_read(
     ckpt_root: str, strict: bool
 ) -> None:

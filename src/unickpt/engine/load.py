@@ -104,6 +104,31 @@ def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[in
     return (tensor.data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
 
 
+def _untied_into_tied(view: LoadView, manifest: Manifest) -> list[str]:
+    """Keys that are one tensor in the state (tied weights) but hold different values in the
+    checkpoint (saved untied): loading both would keep whichever came last. Their chunks'
+    checksums tell, when both keys were saved in the same boxes (as tied tensors are)."""
+    tied: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    for key, shard in view.shards.items():
+        if key in manifest.tensors and shard.local.numel():
+            tied.setdefault(_identity(shard.local), []).append(key)
+    problems = []
+    for first, *others in (keys for keys in tied.values() if len(keys) > 1):
+        chunks = _checksums(manifest.tensors[first])
+        for other in others:
+            theirs = _checksums(manifest.tensors[other])
+            if chunks.keys() == theirs.keys() and chunks != theirs:
+                problems.append(
+                    f"  {first}, {other}: one tensor in the state (tied), but different values "
+                    "in the checkpoint (saved untied): untie them in the state to load both"
+                )
+    return problems
+
+
+def _checksums(meta: TensorMeta) -> dict[tuple[tuple[int, ...], tuple[int, ...]], str]:
+    return {(c.offsets, c.sizes): c.xxh3 for c in meta.chunks}
+
+
 def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[str], list[str]]:
     stored = set(manifest.tensors) | set(manifest.objects)
     wanted = set(view.shards) | set(view.objects)
@@ -128,6 +153,7 @@ def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[
             problems.append(
                 f"  {key}: expected an object, found a tensor of shape {list(meta.shape)}"
             )
+    problems += _untied_into_tied(view, manifest)
     for key, check in view.checks.items():
         if key in manifest.objects:
             try:
