@@ -126,3 +126,172 @@ def test_tensor_hyperparameters_round_trip_as_tensors(tmp_path: pathlib.Path) ->
     assert torch.equal(
         target_optim.state[target.weight]["exp_avg"], optim.state[model.weight]["exp_avg"]
     )
+
+
+class _FP8Scale(torch.nn.Module):
+    """Extra state serialised as a tensor, as TransformerEngine's FP8 modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.amax = torch.zeros(4)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.amax.clone()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.amax = state.clone()
+
+
+class _FusedQKV(torch.nn.Module):
+    """One fused parameter, saved as three (a state-dict hook splits, a load hook fuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Parameter(torch.zeros(6, 2))
+        self._register_state_dict_hook(_FusedQKV._split)
+        self._register_load_state_dict_pre_hook(_FusedQKV._fuse)
+
+    @staticmethod
+    def _split(
+        module: torch.nn.Module, sd: dict[str, torch.Tensor], prefix: str, _: object
+    ) -> None:
+        for name, part in zip("qkv", sd.pop(prefix + "qkv").chunk(3), strict=True):
+            sd[prefix + name] = part.clone()
+
+    @staticmethod
+    def _fuse(sd: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+        sd[prefix + "qkv"] = torch.cat([sd.pop(prefix + name) for name in "qkv"])
+
+
+class _CachedInverse(torch.nn.Module):
+    """A derived cache that a load post-hook rebuilds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.eye(2))
+        self.inv = torch.eye(2)
+        self.register_load_state_dict_post_hook(
+            lambda m, _: setattr(m, "inv", m.w.detach().inverse())
+        )
+
+
+@pytest.mark.parametrize(
+    ("make", "live"),
+    [
+        (_FP8Scale, lambda m: m.amax),
+        (_FusedQKV, lambda m: m.qkv),
+        (_CachedInverse, lambda m: m.inv),
+    ],
+    ids=["tensor-extra-state", "split-by-hooks", "load-post-hook"],
+)
+def test_modules_whose_state_dict_is_not_their_tensors_are_restored(
+    tmp_path: pathlib.Path, make: type[torch.nn.Module], live: object
+) -> None:
+    """A module's state dict may hold copies (extra state, hook-made tensors) or need its load
+    hooks: such a module is restored through load_state_dict, as torch would."""
+    source = make()
+    with torch.no_grad():
+        for param in source.parameters():
+            param.copy_(torch.arange(param.numel(), dtype=torch.float32).view_as(param) + 2)
+    if isinstance(source, _FP8Scale):
+        source.amax = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    if isinstance(source, _CachedInverse):
+        source.inv = source.w.detach().inverse()
+    unickpt.save(str(tmp_path / "c"), {"model": source})
+    target = make()
+    unickpt.load(str(tmp_path / "c"), {"model": target})
+    assert callable(live)
+    assert torch.equal(live(target), live(source))
+    for mine, theirs in zip(target.parameters(), source.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+class _Position:
+    """A Stateful whose state is not a dict (a sampler's position)."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def state_dict(self) -> object:
+        return self.value
+
+    def load_state_dict(self, state: object) -> None:
+        self.value = state
+
+
+class _PyRandom:
+    """Python's RNG state is tuples all the way down; setstate refuses lists."""
+
+    def __init__(self) -> None:
+        self.rng = __import__("random").Random(5)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"py": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.rng.setstate(state["py"])  # type: ignore[arg-type]
+
+
+def test_every_saved_value_is_handed_back(tmp_path: pathlib.Path) -> None:
+    """Non-dict Stateful states, objects beside tensors in tuples, and tuples (which JSON
+    stores as lists) come back as they were saved."""
+    loader = {"pos": (torch.ones(3), 4096)}
+    rng = _PyRandom()
+    rng.rng.random()
+    source = {
+        "sampler": _Position(1234),
+        "order": _Position([3, 1, 2]),
+        "loader": _Position(loader),
+        "pair": (torch.ones(2), 17),
+        "rng": rng,
+        "betas": {"w": torch.ones(1), "b": (0.9, (0.99, 1))},
+    }
+    unickpt.save(str(tmp_path / "c"), source)
+    target_rng = _PyRandom()
+    target = {
+        "sampler": _Position(0),
+        "order": _Position([0, 0, 0]),
+        "loader": _Position({"pos": (torch.zeros(3), 0)}),
+        "pair": (torch.zeros(2), 0),
+        "rng": target_rng,
+        "betas": {"w": torch.zeros(1), "b": (0.0, (0.0, 0))},
+    }
+    result = unickpt.load(str(tmp_path / "c"), target)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    assert target["sampler"].value == 1234 and target["order"].value == [3, 1, 2]
+    position = target["loader"].value["pos"]
+    assert torch.equal(position[0], torch.ones(3)) and position[1] == 4096
+    assert torch.equal(target["pair"][0], torch.ones(2)) and target["pair"][1] == 17
+    assert target_rng.rng.random() == rng.rng.random()
+    assert target["betas"]["b"] == (0.9, (0.99, 1))
+
+
+def test_a_stateful_refusing_its_state_is_named(tmp_path: pathlib.Path) -> None:
+    unickpt.save(str(tmp_path / "c"), {"rng": _Position({"py": [1, 2]})})
+    with pytest.raises(unickpt.StateMismatchError, match=r"^rng: _PyRandom\.load_state_dict\(\)"):
+        unickpt.load(str(tmp_path / "c"), {"rng": _PyRandom()})
+
+
+def test_an_object_where_the_state_holds_a_tensor_is_refused(tmp_path: pathlib.Path) -> None:
+    unickpt.save(str(tmp_path / "c"), {"trainer": {"tokens": 123456, "w": torch.ones(2)}})
+    target = {"trainer": {"tokens": torch.tensor(0), "w": torch.zeros(2)}}
+    for strict in (True, False):
+        with pytest.raises(unickpt.StateMismatchError) as exc:
+            unickpt.load(str(tmp_path / "c"), target, strict=strict)
+        assert "trainer.tokens: expected a tensor, found an object (123456)" in str(exc.value)
+        assert not target["trainer"]["w"].any()
+
+
+def test_one_optimizer_over_modules_with_the_same_names_is_explained(
+    tmp_path: pathlib.Path,
+) -> None:
+    encoder, decoder = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optim = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()])
+    with pytest.raises(
+        unickpt.InvalidStateError,
+        match=r"optimizer 'optim': .* \['bias', 'weight'\].*nn\.ModuleDict",
+    ):
+        unickpt.save(str(tmp_path / "c"), {"encoder": encoder, "decoder": decoder, "optim": optim})
+    model = torch.nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+    unickpt.save(str(tmp_path / "c"), {"model": model, "optim": optim})  # the fix it suggests

@@ -5,6 +5,7 @@ those byte ranges (straight into the target tensor when the run is contiguous th
 from __future__ import annotations
 
 import pickle
+import reprlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,6 +139,9 @@ def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[
     for key, shard in view.shards.items():
         meta = manifest.tensors.get(key)
         if meta is None:
+            if key in manifest.objects:
+                found = reprlib.repr(manifest.objects[key])
+                problems.append(f"  {key}: expected a tensor, found an object ({found})")
             continue
         if meta.encoding != "raw":
             problems.append(f"  {key}: expected a tensor, found a pickled object")

@@ -9,6 +9,7 @@ so optimizer state reshards with its parameter; other objects with ``state_dict(
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import operator
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch.distributed.tensor import DTensor
 
-from unickpt.errors import InvalidStateError, StateMismatchError
+from unickpt.errors import CheckpointError, InvalidStateError, StateMismatchError
 from unickpt.layout.sharded import LocalShard, ShardedTensor, is_tensor_leaf, local_shard
 
 SEP = "."
@@ -123,15 +124,15 @@ def _item_setter(container: Any, name: Any) -> Setter:
 
 def _children(
     value: dict[Any, Any] | list[Any] | tuple[Any, ...], prefix: str
-) -> Iterator[tuple[str, Any, Setter | None]]:
+) -> Iterator[tuple[str, Any, Any]]:
+    """(flat key, child, its name in ``value``) for each child."""
     items = value.items() if isinstance(value, dict) else enumerate(value)
     for name, child in items:
         if not isinstance(name, str | int) or isinstance(name, bool) or name == "":
             raise InvalidStateError(
                 f"state key {name!r} under {prefix or '(root)'!r} must be a non-empty str"
             )
-        setter = _item_setter(value, name) if isinstance(value, dict | list) else None
-        yield (f"{prefix}{SEP}{name}" if prefix else str(name)), child, setter
+        yield (f"{prefix}{SEP}{name}" if prefix else str(name)), child, name
 
 
 def find_instances(state: object, kind: type[T]) -> Iterator[T]:
@@ -169,11 +170,20 @@ def _param_names(state: object) -> dict[int, str]:
     return names
 
 
-def _optimizer_param_names(opt: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
+def _optimizer_param_names(
+    opt: torch.optim.Optimizer, names: dict[int, str], key: str
+) -> list[str]:
+    """The name of each of the optimizer's parameters (in order): its FQN in its module."""
     params = [p for group in opt.param_groups for p in group["params"]]
+    if len({id(p) for p in params}) != len(params):
+        raise InvalidStateError(f"optimizer {key!r} holds a parameter twice")
     out = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-    if len(set(out)) != len(out):
-        raise InvalidStateError("optimizer holds a parameter twice or two parameters share an FQN")
+    if clashes := sorted({n for n in out if out.count(n) > 1}):
+        raise InvalidStateError(
+            f"optimizer {key!r}: parameters of different modules share the names "
+            f"{clashes[:5]} (its state is keyed by parameter name): put those modules under one "
+            "nn.Module (an nn.ModuleDict) in the state, so that their names differ"
+        )
     return out
 
 
@@ -196,14 +206,19 @@ def _plain_hyperparameter(value: Any) -> Any:
     return value
 
 
-def _restored_hyperparameter(live: Any, saved: Any) -> Any:
-    """``saved`` in the live value's form: tuples stay tuples, 0-d tensors stay tensors."""
+def _in_live_form(live: Any, saved: Any) -> Any:
+    """``saved`` (JSON) in the live value's form: tuples stay tuples (JSON stores lists;
+    ``random.setstate`` wants its tuples back), 0-d tensors stay tensors (hyperparameters)."""
     if isinstance(live, torch.Tensor) and live.dim() == 0 and isinstance(saved, int | float):
         return torch.tensor(saved, dtype=live.dtype, device=live.device)
     if isinstance(live, tuple) and isinstance(saved, list):
         if len(live) != len(saved):
             return tuple(saved)
-        return tuple(_restored_hyperparameter(w, v) for w, v in zip(live, saved, strict=True))
+        return tuple(_in_live_form(w, v) for w, v in zip(live, saved, strict=True))
+    if isinstance(live, list) and isinstance(saved, list) and len(live) == len(saved):
+        return [_in_live_form(w, v) for w, v in zip(live, saved, strict=True)]
+    if isinstance(live, dict) and isinstance(saved, dict):
+        return {k: _in_live_form(live.get(k), v) for k, v in saved.items()}
     return saved
 
 
@@ -277,7 +292,7 @@ def collect_for_save(
     def walk(value: Any, key: str) -> None:
         if isinstance(value, torch.optim.Optimizer):
             sd = value.state_dict()
-            pnames = _optimizer_param_names(value, names)
+            pnames = _optimizer_param_names(value, names, key)
             for index, entries in sd["state"].items():
                 for name, item in entries.items():
                     leaf(f"{key}{SEP}state{SEP}{pnames[index]}{SEP}{name}", item)
@@ -353,7 +368,7 @@ def _load_optimizer(
     ckpt_objects: set[str],
 ) -> None:
     params = [p for group in opt.param_groups for p in group["params"]]
-    pnames = _optimizer_param_names(opt, names)
+    pnames = _optimizer_param_names(opt, names, key)
     index_of = {n: i for i, n in enumerate(pnames)}
     live = opt.state_dict()["state"]
     state_prefix = f"{key}{SEP}state{SEP}"
@@ -407,7 +422,7 @@ def _load_optimizer(
                 )
             for name, value in saved_group.items():
                 if name != "params":
-                    live_group[name] = _restored_hyperparameter(live_group.get(name), value)
+                    live_group[name] = _in_live_form(live_group.get(name), value)
         return groups
 
     groups_key = f"{key}{SEP}param_groups"
@@ -435,26 +450,67 @@ def collect_for_load(
     view = LoadView()
     names = _param_names(state)
 
-    def walk(value: Any, key: str, setter: Setter | None) -> None:
+    def walk(value: Any, key: str, setter: Setter) -> None:
         if isinstance(value, torch.optim.Optimizer):
             _load_optimizer(value, key, view, names, ckpt_tensors, ckpt_objects)
         elif _is_stateful(value):
-            sd = value.state_dict()
-            walk(sd, key, None)
-            if not isinstance(value, torch.nn.Module) or any(
-                not isinstance(v, torch.Tensor) for v in sd.values()
-            ):
-                view.finalizers.append(lambda: value.load_state_dict(sd))
+            holder = [value.state_dict()]  # any value, a dict or not, can be replaced
+            walk(holder[0], key, _item_setter(holder, 0))
+            if not _fills_in_place(value, holder[0]):
+                view.finalizers.append(lambda: _restore(key, value, holder[0]))
         elif is_tensor_leaf(value):
             view.add_tensor(key, value)
-        elif isinstance(value, dict) or (
-            isinstance(value, list | tuple) and _contains_tensors(value)
-        ):
-            for child_key, child, child_setter in _children(value, key):
-                walk(child, child_key, child_setter)
+        elif isinstance(value, tuple) and _contains_tensors(value):
+            # Immutable: the loaded objects go into a list, rebuilt into a tuple afterwards.
+            items, objects = list(value), len(view.objects)
+            for child_key, child, index in _children(value, key):
+                walk(child, child_key, _item_setter(items, index))
+            if len(view.objects) > objects:
+                view.finalizers.append(lambda: setter(_rebuilt(value, items)))
+        elif isinstance(value, dict) or (isinstance(value, list) and _contains_tensors(value)):
+            for child_key, child, name in _children(value, key):
+                walk(child, child_key, _item_setter(value, name))
         else:
-            view.add_object(key, setter or (lambda v: None))
+            view.add_object(key, lambda saved: setter(_in_live_form(value, saved)))
 
-    for child_key, child, setter in _children(state, ""):
-        walk(child, child_key, setter)
+    for child_key, child, name in _children(state, ""):
+        walk(child, child_key, _item_setter(state, name))
     return view
+
+
+def _fills_in_place(stateful: Any, sd: Any) -> bool:
+    """Whether filling ``sd`` (a module's state dict) in place restores the module without
+    ``load_state_dict``: every value a tensor that IS one of its parameters or buffers, and no
+    module in it that hooks or overrides loading (FSDP2's hooks, fused-weight splitters, tensor
+    extra state, caches rebuilt after a load)."""
+    if not isinstance(stateful, torch.nn.Module) or not isinstance(sd, dict):
+        return False
+    own = {_view_of(t) for t in itertools.chain(stateful.parameters(), stateful.buffers())}
+    if not all(isinstance(v, torch.Tensor) and _view_of(v) in own for v in sd.values()):
+        return False
+    return not any(
+        m._load_state_dict_pre_hooks
+        or m._load_state_dict_post_hooks
+        or type(m)._load_from_state_dict is not torch.nn.Module._load_from_state_dict
+        or type(m).load_state_dict is not torch.nn.Module.load_state_dict
+        for m in stateful.modules()
+    )
+
+
+def _restore(key: str, stateful: Any, sd: Any) -> None:
+    try:
+        stateful.load_state_dict(sd)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise StateMismatchError(
+            f"{key}: {type(stateful).__name__}.load_state_dict() refused the checkpoint's "
+            f"state: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _rebuilt(like: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """A tuple of ``like``'s type (named tuples included) holding ``items``."""
+    if hasattr(like, "_fields"):
+        return type(like)(*items)
+    return type(like)(items)
