@@ -295,3 +295,32 @@ def test_one_optimizer_over_modules_with_the_same_names_is_explained(
         unickpt.save(str(tmp_path / "c"), {"encoder": encoder, "decoder": decoder, "optim": optim})
     model = torch.nn.ModuleDict({"encoder": encoder, "decoder": decoder})
     unickpt.save(str(tmp_path / "c"), {"model": model, "optim": optim})  # the fix it suggests
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_rolling_back_to_before_the_first_step_resets_the_optimizer(
+    tmp_path: pathlib.Path, strict: bool
+) -> None:
+    """Saved before the first step, an optimizer has no state; loading that into one that has
+    stepped since (a NaN rollback) leaves it without state, as torch's load_state_dict does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    adam = torch.optim.Adam(model.parameters(), lr=0.1)
+    unickpt.save(str(tmp_path / "c"), {"model": model, "optim": adam})
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(optim: torch.optim.Optimizer, net: torch.nn.Module) -> None:
+        net(torch.ones(2, 4)).square().sum().backward()
+        optim.step()
+        optim.zero_grad()
+
+    for _ in range(3):
+        step(adam, model)
+    unickpt.load(str(tmp_path / "c"), {"model": model, "optim": adam}, strict=strict)
+    assert adam.state_dict()["state"] == {}
+    fresh = torch.nn.Linear(4, 3)
+    fresh.load_state_dict(initial)
+    fresh_adam = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    step(adam, model), step(fresh_adam, fresh)
+    for mine, theirs in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(mine, theirs)

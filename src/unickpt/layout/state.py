@@ -379,11 +379,17 @@ def _load_optimizer(
         return lambda v: new_state.setdefault(index, {}).__setitem__(name, v)
 
     wanted: set[tuple[int, str]] = {(i, n) for i, entries in live.items() for n in entries}
+    stateful: set[int] = set()  # the parameters with state in the checkpoint
     for ckpt_key in (*ckpt_tensors, *ckpt_objects):
         if ckpt_key.startswith(state_prefix):
             pname, _, name = ckpt_key[len(state_prefix) :].rpartition(SEP)
             if pname in index_of:
                 wanted.add((index_of[pname], name))
+                stateful.add(index_of[pname])
+    if f"{key}{SEP}param_groups" in ckpt_objects:
+        # The checkpoint holds this optimizer: a parameter without state there had none yet
+        # (saved before its first step), so it loses what it has now, as with torch's own load.
+        wanted = {(index, name) for index, name in wanted if index in stateful}
     for index, name in sorted(wanted):
         entry_key = f"{state_prefix}{pnames[index]}{SEP}{name}"
         current = live.get(index, {}).get(name)
