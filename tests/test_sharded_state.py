@@ -324,3 +324,41 @@ def test_rolling_back_to_before_the_first_step_resets_the_optimizer(
     step(adam, model), step(fresh_adam, fresh)
     for mine, theirs in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+def _train_under_ddp(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+    adam = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.full((2, 4), float(rank + 1))).sum().backward()
+    adam.step()
+    unickpt.save(path, {"model": model, "optim": adam})
+    return {k: v.clone() for k, v in adam.state[model.module.weight].items()}
+
+
+def test_a_model_saved_under_ddp_loads_unwrapped_and_compiled(tmp_path: pathlib.Path) -> None:
+    """Wrappers (DDP, torch.compile) add no key: DDP on 2 ranks -> a plain model, and a
+    compiled one, in one process; optimizer state included."""
+    path = str(tmp_path / "ddp")
+    moments = run_distributed(2, _train_under_ddp, path)[0]
+    manifest = unickpt.inspect(path)
+    assert sorted(manifest.tensors)[:3] == [
+        "model.bias",
+        "model.weight",
+        "optim.state.bias.exp_avg",
+    ]
+    for wrap in (lambda m: m, torch.compile):
+        plain = torch.nn.Linear(4, 3)
+        model = wrap(plain)
+        adam = torch.optim.Adam(model.parameters(), lr=0.5)
+        unickpt.load(path, {"model": model, "optim": adam})
+        assert adam.param_groups[0]["lr"] == 0.1
+        for name, value in moments.items():
+            assert torch.equal(adam.state[plain.weight][name], value), name
+        unickpt.save(str(tmp_path / f"again-{wrap is torch.compile}"), {"model": model})
+        assert sorted(
+            unickpt.inspect(str(tmp_path / f"again-{wrap is torch.compile}")).tensors
+        ) == [
+            "model.bias",
+            "model.weight",
+        ]

@@ -12,6 +12,7 @@ import copy
 import itertools
 import json
 import operator
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -31,6 +32,21 @@ def _is_stateful(value: object) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(
         getattr(value, "load_state_dict", None)
     )
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers: its keys are the
+    checkpoint's, so that a model saved wrapped loads unwrapped (evaluation on one process) and
+    the other way round."""
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            module = module.module
+            continue
+        compiled = sys.modules.get("torch._dynamo.eval_frame")  # imported once anything compiled
+        if compiled is not None and isinstance(module, compiled.OptimizedModule):
+            module = module._orig_mod
+            continue
+        return module
 
 
 def _is_wrapper(value: object) -> bool:
@@ -165,7 +181,7 @@ def _param_names(state: object) -> dict[int, str]:
     """id(parameter) -> FQN within its module, for every nn.Module in the state."""
     names: dict[int, str] = {}
     for module in find_instances(state, torch.nn.Module):
-        for fqn, param in module.named_parameters(remove_duplicate=False):
+        for fqn, param in unwrapped(module).named_parameters(remove_duplicate=False):
             names.setdefault(id(param), fqn)
     return names
 
@@ -297,6 +313,8 @@ def collect_for_save(
                 for name, item in entries.items():
                     leaf(f"{key}{SEP}state{SEP}{pnames[index]}{SEP}{name}", item)
             leaf(f"{key}{SEP}param_groups", _json_groups(sd["param_groups"], pnames))
+        elif isinstance(value, torch.nn.Module):
+            walk(unwrapped(value).state_dict(), key)
         elif _is_stateful(value):
             walk(value.state_dict(), key)
         elif isinstance(value, dict) or (
@@ -460,6 +478,8 @@ def collect_for_load(
         if isinstance(value, torch.optim.Optimizer):
             _load_optimizer(value, key, view, names, ckpt_tensors, ckpt_objects)
         elif _is_stateful(value):
+            if isinstance(value, torch.nn.Module):
+                value = unwrapped(value)
             holder = [value.state_dict()]  # any value, a dict or not, can be replaced
             walk(holder[0], key, _item_setter(holder, 0))
             if not _fills_in_place(value, holder[0]):
