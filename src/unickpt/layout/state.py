@@ -34,7 +34,7 @@ def _is_stateful(value: object) -> bool:
     )
 
 
-def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP / DataParallel / ``torch.compile`` wrappers: its keys are the
     checkpoint's, so that a model saved wrapped loads unwrapped (evaluation on one process) and
     the other way round."""
@@ -181,7 +181,7 @@ def _param_names(state: object) -> dict[int, str]:
     """id(parameter) -> FQN within its module, for every nn.Module in the state."""
     names: dict[int, str] = {}
     for module in find_instances(state, torch.nn.Module):
-        for fqn, param in unwrapped(module).named_parameters(remove_duplicate=False):
+        for fqn, param in _unwrapped(module).named_parameters(remove_duplicate=False):
             names.setdefault(id(param), fqn)
     return names
 
@@ -314,7 +314,7 @@ def collect_for_save(
                     leaf(f"{key}{SEP}state{SEP}{pnames[index]}{SEP}{name}", item)
             leaf(f"{key}{SEP}param_groups", _json_groups(sd["param_groups"], pnames))
         elif isinstance(value, torch.nn.Module):
-            walk(unwrapped(value).state_dict(), key)
+            walk(_unwrapped(value).state_dict(), key)
         elif _is_stateful(value):
             walk(value.state_dict(), key)
         elif isinstance(value, dict) or (
@@ -479,7 +479,7 @@ def collect_for_load(
             _load_optimizer(value, key, view, names, ckpt_tensors, ckpt_objects)
         elif _is_stateful(value):
             if isinstance(value, torch.nn.Module):
-                value = unwrapped(value)
+                value = _unwrapped(value)
             holder = [value.state_dict()]  # any value, a dict or not, can be replaced
             walk(holder[0], key, _item_setter(holder, 0))
             if not _fills_in_place(value, holder[0]):
