@@ -20,6 +20,8 @@ from safetensors import safe_open
 import unickpt
 from unickpt.format.dtypes import torch_dtype
 
+from dist_harness import run_distributed
+
 
 def tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
@@ -708,3 +710,34 @@ def test_data_files_are_standard_safetensors_matching_the_manifest(ckpt: str) ->
                 assert stored.dtype == torch_dtype(meta.dtype), st_key
                 assert tuple(stored.shape) == chunk.sizes, st_key
                 assert torch.equal(stored, expected[key][chunk.box.slices()]), st_key
+
+
+def _load_per_rank(rank: int, world_size: int, paths: list[str], template: str) -> list[str]:
+    """Each rank loads ``paths[rank]`` into a state shaped as ``template`` says; returns the
+    error text and whether the state was left untouched."""
+    state = {"w": torch.zeros(4), "b": torch.zeros(3 if template == "ok" or rank == 0 else 5)}
+    try:
+        unickpt.load(paths[rank], state)
+    except unickpt.CheckpointError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    else:
+        message = ""
+    return [message, str(not state["w"].any() and not state["b"].any())]
+
+
+def test_ranks_loading_different_checkpoints_or_failing_write_nothing(ckpt_root: str) -> None:
+    """A collective load agrees before any rank writes: ranks given different checkpoints (a
+    per-node latest()) fail together, and so do the peers of a rank whose state does not match."""
+    paths = [f"{ckpt_root}/a", f"{ckpt_root}/b"]
+    for path, value in zip(paths, (1.0, 2.0), strict=True):
+        unickpt.save(path, {"w": torch.full((4,), value), "b": torch.full((3,), value)})
+    different = run_distributed(2, _load_per_rank, paths, "ok")
+    for rank, (message, untouched) in enumerate(different):
+        assert message.startswith("CheckpointError: ranks are loading different checkpoints"), (
+            message
+        )
+        assert f"rank {1 - rank} {paths[1 - rank]}" in message and untouched == "True", rank
+    mismatched = run_distributed(2, _load_per_rank, [paths[0]] * 2, "rank 1 differs")
+    assert mismatched[1][0].startswith("StateMismatchError: ") and "b: shape" in mismatched[1][0]
+    assert mismatched[0][0].startswith("CheckpointError: load failed on rank 1: StateMismatchError")
+    assert [untouched for _, untouched in mismatched] == ["True", "True"]

@@ -4,6 +4,7 @@ those byte ranges (straight into the target tensor when the run is contiguous th
 
 from __future__ import annotations
 
+import json
 import pickle
 import reprlib
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 
 from unickpt.engine.background import before_update
 from unickpt.engine.buffers import byte_view
@@ -67,27 +69,58 @@ def load(
     listing them all (shape differences always raise). ``verify``: check every chunk read against
     its checksum. Pickled entries are refused unless ``allow_pickle=True``.
     ``storage_options`` configure the backend of an ``s3://`` path.
+
+    A collective under torch.distributed: before any rank writes into its state, the ranks
+    agree that each can load and that all load the same checkpoint; one rank's failure raises
+    on every rank.
     """
     comm = Comm()
+    prepared: _PreparedLoad | None = None
     error: Exception | None = None
-    result: LoadResult | None = None
     try:
         storage = open_storage(path, storage_options)
-        result = _load(storage, state, strict=strict, verify=verify, allow_pickle=allow_pickle)
+        prepared = _prepare(storage, state, strict=strict, verify=verify, allow_pickle=allow_pickle)
     except Exception as exc:  # reported to the peers before raising, so no rank hangs
         error = exc
-    if comm.world_size > 1:  # fail together, so no rank trains on with a half-loaded peer
-        status = f"{type(error).__name__}: {error}" if error else ""
-        failures = [
-            (r, s.decode()) for r, s in enumerate(comm.all_gather_bytes(status.encode())) if s
-        ]
-        if failures and error is None:
-            rank, message = failures[0]
-            raise CheckpointError(f"load failed on rank {rank}: {message}")
-    if error is not None:
-        raise error
+    # Before any rank writes into its state: all can load, and they load the same checkpoint.
+    _agree(comm, error, prepared)
+    assert prepared is not None
+    result: LoadResult | None = None
+    try:
+        result = _read(prepared)
+    except Exception as exc:
+        error = exc
+    _agree(comm, error, None)  # fail together, so no rank trains on with a half-loaded peer
     assert result is not None
     return result
+
+
+def _agree(comm: Comm, error: Exception | None, prepared: _PreparedLoad | None) -> None:
+    """Raise, on every rank, the first rank's failure, or (``prepared``) that the ranks are
+    loading different checkpoints: each would fill its part of the state from its own."""
+    if comm.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    mine = {
+        "error": f"{type(error).__name__}: {error}" if error else "",
+        "save": prepared.identity if prepared else "",
+        "url": str(prepared.storage.url) if prepared else "",
+    }
+    votes = [json.loads(v) for v in comm.all_gather_bytes(json.dumps(mine).encode())]
+    failures = [(rank, vote["error"]) for rank, vote in enumerate(votes) if vote["error"]]
+    if error is not None:
+        raise error
+    if failures:
+        rank, message = failures[0]
+        raise CheckpointError(f"load failed on rank {rank}: {message}")
+    if prepared is not None and len({vote["save"] for vote in votes}) > 1:
+        differ = [(r, v["url"]) for r, v in enumerate(votes) if v["save"] != prepared.identity]
+        raise CheckpointError(
+            f"ranks are loading different checkpoints: rank {comm.rank} {prepared.storage.url}, "
+            f"rank {differ[0][0]} {differ[0][1]}; nothing was loaded. Every rank must load the "
+            "same one (a manager's latest() lists this node's memory tier: restore() agrees)"
+        )
 
 
 def _drop_tied_aliases(view: LoadView, manifest: Manifest) -> None:
@@ -178,9 +211,29 @@ def _check_keys(view: LoadView, manifest: Manifest, strict: bool) -> tuple[list[
     return missing, unexpected
 
 
-def _load(
+@dataclass
+class _PreparedLoad:
+    """A load checked against its checkpoint, nothing read yet."""
+
+    storage: Storage
+    manifest: Manifest
+    view: LoadView
+    missing: list[str]
+    unexpected: list[str]
+    pickled: set[str]
+    verify: bool
+    timer: PhaseTimer
+
+    @property
+    def identity(self) -> str:
+        """The save this checkpoint holds (its data files are named by its save id), the same
+        for every copy of it (a manager's tiers)."""
+        return xxhash.xxh3_64_hexdigest(json.dumps(sorted(self.manifest.files)).encode())
+
+
+def _prepare(
     storage: Storage, state: dict[str, Any], *, strict: bool, verify: bool, allow_pickle: bool
-) -> LoadResult:
+) -> _PreparedLoad:
     timer = PhaseTimer()
     with timer("manifest"):
         manifest = read_manifest(storage)
@@ -199,7 +252,17 @@ def _load(
                 f"entries {refused} hold pickled Python objects, which can run code when loaded; "
                 "pass allow_pickle=True only if you trust this checkpoint"
             )
+    return _PreparedLoad(storage, manifest, view, missing, unexpected, pickled, verify, timer)
 
+
+def _read(prepared: _PreparedLoad) -> LoadResult:
+    storage, manifest, view, verify, timer = (
+        prepared.storage,
+        prepared.manifest,
+        prepared.view,
+        prepared.verify,
+        prepared.timer,
+    )
     jobs: list[tuple[ChunkRead, LocalShard, TensorMeta]] = []
     needed = 0
     for key, shard in view.shards.items():
@@ -236,7 +299,7 @@ def _load(
         for key, setter in view.objects.items():
             if key in manifest.objects:
                 setter(manifest.objects[key])
-            elif key in pickled:
+            elif key in prepared.pickled:
                 setter(_unpickle(storage, manifest.tensors[key]))
                 read_bytes += manifest.tensors[key].nbytes
         for finalize in view.finalizers:
@@ -247,8 +310,8 @@ def _load(
         read_bytes,
         needed,
         timer.total,
-        missing,
-        unexpected,
+        prepared.missing,
+        prepared.unexpected,
         timer.phases,
     )
 
