@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import random
+import shutil
 import time
 
 import numpy as np
@@ -490,3 +491,86 @@ def test_a_run_root_given_for_a_checkpoint_is_named(ckpt_root: str) -> None:
     message = "is not a checkpoint but holds checkpoints: step_0000000001, step_0000000002"
     with pytest.raises(unickpt.CheckpointNotFoundError, match=message):
         unickpt.verify(ckpt_root)
+
+
+def _retry_a_failed_save(rank: int, world_size: int, root: str) -> list[str]:
+    manager = CheckpointManager(root, every_n_steps=1, mode="lazy", save_rng=False)
+    state = {"w": torch.full((64,), float(rank))}
+    name = manager.name_for(5)
+    if rank == 0:  # something committed is in the way: the save fails on every rank
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, "manifest.json"), "w") as f:
+            f.write("{}")
+    torch.distributed.barrier()
+    outcomes = []
+    for attempt in range(2):
+        handle = manager.maybe_save(5, state, force=attempt > 0)
+        if handle is None:
+            outcomes.append("not saved again")
+            continue
+        if rank == 1:
+            time.sleep(0.5)  # the drains' bookkeeping of the failure is done by now, here only
+        with pytest.raises(unickpt.CheckpointExistsError):
+            handle.wait()
+        outcomes.append("failed")
+    with pytest.raises(unickpt.CheckpointError):
+        manager.close()
+    return outcomes
+
+
+def test_every_rank_retries_a_failed_save_of_the_same_step(ckpt_root: str) -> None:
+    """A save that failed in the background is made again when forced, on every rank: a rank
+    that skipped it as 'saved already' left the others in its collective."""
+    outcomes = run_distributed(2, _retry_a_failed_save, ckpt_root, timeout=120)
+    assert outcomes == [["failed", "failed"]] * 2
+
+
+def test_restore_checks_checksums_and_falls_back_past_flipped_bytes(ckpt_root: str) -> None:
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=3, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, {"w": torch.full((1024,), float(step))})
+    manager.close()
+    (data,) = pathlib.Path(ckpt_root, manager.name_for(2), "data").glob("*.safetensors")
+    with open(data, "r+b") as f:  # one bit of w, the file's size unchanged
+        f.seek(-7, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-7, os.SEEK_END)
+        f.write(bytes([byte ^ 0x10]))
+    state = {"w": torch.zeros(1024)}
+    assert CheckpointManager(ckpt_root).restore(state) == 1
+    assert torch.equal(state["w"], torch.ones(1024))
+    assert CheckpointManager(ckpt_root).restore(state, verify=False) == 2  # trusting the disk
+
+
+def _nodes_tiers(root: str, node: int) -> list[str]:
+    return [f"memory://{root}/shm/node{node}", f"{root}/disk"]
+
+
+def _save_three_steps(rank: int, world_size: int, root: str) -> None:
+    manager = CheckpointManager(_nodes_tiers(root, rank), every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2, 3):
+        manager.maybe_save(step, {"w": torch.full((8,), float(step))})
+    manager.wait()  # and the job dies: no close()
+
+
+def _restart_on_swapped_nodes(rank: int, world_size: int, root: str) -> list[float]:
+    manager = CheckpointManager(
+        _nodes_tiers(root, 1 - rank), every_n_steps=1, keep_last=5, mode="sync"
+    )
+    state = {"w": torch.zeros(8)}
+    restored = manager.restore(state)
+    manager.maybe_save(3, {"w": torch.full((8,), 30.0)})  # the run does step 3 again
+    manager.close()
+    return [float(restored or -1), float(state["w"][0])]
+
+
+def test_a_run_restarted_on_other_nodes_saves_its_undrained_step_again(ckpt_root: str) -> None:
+    """Step 3 reached only the memory tiers of the two nodes when the job died; restarted with
+    ranks on each other's nodes, the run restores step 2 from disk and saves step 3 anew, the
+    stale copy on the old rank 0's node replaced instead of blocking the save."""
+    run_distributed(2, _save_three_steps, ckpt_root, timeout=120)
+    shutil.rmtree(f"{ckpt_root}/disk/step_0000000003")  # undrained when the job died
+    assert run_distributed(2, _restart_on_swapped_nodes, ckpt_root, timeout=120) == [[2.0, 2.0]] * 2
+    state = {"w": torch.zeros(8)}
+    unickpt.load(f"{ckpt_root}/disk/step_0000000003", state)
+    assert torch.equal(state["w"], torch.full((8,), 30.0))

@@ -208,6 +208,7 @@ class CheckpointManager:
         self._reported = 0
         self._last_save = time.monotonic()
         self._newest: str | None = None  # the checkpoint this manager saved or restored last
+        self._newest_handle: SaveHandle | None = None  # its background save, if it was one
         self._retired: set[str] = set()  # deleted from a durable tier by retention (rank 0)
         self._infos: dict[tuple[int, str], CheckpointInfo] = {}
         self._pool_planned = False  # whether a save or a reservation has sized the pool
@@ -264,7 +265,7 @@ class CheckpointManager:
             return None
         self._pool_planned = True
         name = self.name_for(step)
-        if name == self._newest:
+        if name == self._newest and not self._newest_failed():
             log.info("unickpt: %s is saved already; not saving it again", name)
             return None
         self._last_save = time.monotonic()
@@ -284,7 +285,7 @@ class CheckpointManager:
             )
             if isinstance(result, SaveHandle):  # skipped (if_busy="skip"): nothing to record
                 return result
-            self._newest = name
+            self._newest, self._newest_handle = name, None
             self._submit(name, None, source=0)
             if len(self.tiers) == 1:  # nothing to drain: retention is done when this returns
                 self._drainer.wait()
@@ -299,9 +300,21 @@ class CheckpointManager:
             max_write_rate=self._write_limit,
         )
         if not handle.skipped:
-            self._newest = name
+            self._newest, self._newest_handle = name, handle
             self._submit(name, handle, source=0)
         return handle
+
+    def _newest_failed(self) -> bool:
+        """Whether the background save of the newest checkpoint failed (waiting for it: its
+        outcome is the same on every rank, the moment each rank learns it is not)."""
+        handle = self._newest_handle
+        if handle is None:
+            return False
+        try:
+            handle.wait()
+        except Exception:
+            return True
+        return False
 
     def _replace_superseded(self, name: str) -> None:
         """Remove ``name``, a checkpoint restore skipped as unusable, before saving it anew.
@@ -440,8 +453,6 @@ class CheckpointManager:
                     log.error("unickpt: checkpoint %s failed: %s", name, str(exc))
                     with self._lock:
                         self._failed_saves.append(f"{name}: {type(exc).__name__}: {exc}")
-                        if self._newest == name:  # the step may be saved again
-                            self._newest = None
                     memory = self.tiers[source]
                     # tmpfs is RAM: drop this node's leftovers (never a committed checkpoint:
                     # the save may have failed because one was already there)
@@ -636,15 +647,20 @@ class CheckpointManager:
         committed = self.list()
         return committed[-1].path if committed else None
 
-    def restore(self, state: dict[str, Any], *, strict: bool = True) -> int | None:
+    def restore(
+        self, state: dict[str, Any], *, strict: bool = True, verify: bool = True
+    ) -> int | None:
         """Load the newest complete checkpoint across the tiers into ``state`` (any layout);
         its step, or None.
 
         Candidates are ordered newest step first, the fastest tier first for one step; every
         rank takes the same one. A memory-tier copy counts only if every rank can read all of
         its files on its own node. A corrupt, incomplete or unreadable candidate is skipped
-        (logged) for the next. The restored checkpoint is then drained to the slower tiers
-        that lack it (a crashed run's undrained snapshot becomes durable).
+        (logged) for the next; ``verify`` checks the checksum of every chunk read, so that
+        corrupt bytes are found too (it reads whole chunks: when resharding, more than the
+        rank needs; ``verify=False`` trusts the storage). The restored checkpoint is then
+        drained to the slower tiers that lack it (a crashed run's undrained snapshot becomes
+        durable).
         """
         check_state(state)
         self._drainer.wait()  # drain errors stay for wait() to report
@@ -655,7 +671,7 @@ class CheckpointManager:
             if manifest is not None:
                 step, error = None, None
                 try:
-                    step = self._restore_from(tier, name, manifest, state, strict)
+                    step = self._restore_from(tier, name, manifest, state, strict, verify)
                 except Exception as exc:
                     error = exc
                 problem = self._agree_restored(name, error)
@@ -686,12 +702,35 @@ class CheckpointManager:
         for name, index in skipped:
             if name != restored:
                 self._superseded.setdefault(name, set()).add(index)
+        for name in self._newer_on_other_nodes(restored):
+            self._superseded.setdefault(name, set()).add(0)
         if self._superseded:
             log.warning(
                 "unickpt: restore skipped %s as unusable; each is replaced when the run saves "
                 "its step again",
                 ", ".join(sorted(self._superseded)),
             )
+
+    def _newer_on_other_nodes(self, restored: str | None) -> builtins.list[str]:
+        """Committed memory-tier checkpoints newer than ``restored`` on any rank's node: rank
+        0's listing misses those of other nodes (ranks placed on other nodes after a restart),
+        and the run will save their steps again. Agreed, so every rank replaces the same ones
+        at the same point."""
+        if not self.tiers[0].memory:
+            return []
+        memory, mine = self.tiers[0].storage, []
+        with contextlib.suppress(Exception):  # a node that cannot list has nothing to add
+            mine = [
+                name
+                for name in memory.children()
+                if _NAME.fullmatch(name)
+                and (restored is None or name > restored)
+                and memory.exists(f"{name}/{MANIFEST}")
+            ]
+        if self._comm.world_size == 1:
+            return mine
+        gathered = self._comm.all_gather_bytes(json.dumps(mine).encode())
+        return sorted({str(name) for names in gathered for name in json.loads(names)})
 
     def _candidates(self) -> builtins.list[tuple[str, int]]:
         """(name, tier index) of every committed checkpoint, in restore order, as rank 0 lists
@@ -778,7 +817,13 @@ class CheckpointManager:
         raise CheckpointError(f"restore of {name} failed on rank {rank}: {vote['error']}")
 
     def _restore_from(
-        self, tier: Tier, name: str, manifest: Manifest, state: dict[str, Any], strict: bool
+        self,
+        tier: Tier,
+        name: str,
+        manifest: Manifest,
+        state: dict[str, Any],
+        strict: bool,
+        verify: bool,
     ) -> int | None:
         full = dict(state)
         saved_rng = manifest.tensors.get(RNG_KEY)
@@ -798,7 +843,7 @@ class CheckpointManager:
             rank = self._comm.rank % world
             row = torch.empty((1, length), dtype=torch.int64)
             full[RNG_KEY] = ShardedTensor(row, (world, length), (rank, 0))
-        result = load(tier.storage.child(name), full, strict=strict)
+        result = load(tier.storage.child(name), full, strict=strict, verify=verify)
         state.update({key: full[key] for key in state})  # top-level JSON values were replaced
         if row is not None:
             if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
