@@ -336,6 +336,7 @@ def _train_under_ddp(rank: int, world_size: int, path: str) -> dict[str, torch.T
     return {k: v.clone() for k, v in adam.state[model.module.weight].items()}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile imports torch.jit
 def test_a_model_saved_under_ddp_loads_unwrapped_and_compiled(tmp_path: pathlib.Path) -> None:
     """Wrappers (DDP, torch.compile) add no key: DDP on 2 ranks -> a plain model, and a
     compiled one, in one process; optimizer state included."""
