@@ -706,8 +706,8 @@ class CheckpointManager:
             self._superseded.setdefault(name, set()).add(0)
         if self._superseded:
             log.warning(
-                "unickpt: restore skipped %s as unusable; each is replaced when the run saves "
-                "its step again",
+                "unickpt: restore skipped %s (unusable, or only on some node's memory tier); "
+                "each is replaced when the run saves its step again",
                 ", ".join(sorted(self._superseded)),
             )
 
