@@ -226,9 +226,11 @@ class _PreparedLoad:
 
     @property
     def identity(self) -> str:
-        """The save this checkpoint holds (its data files are named by its save id), the same
-        for every copy of it (a manager's tiers)."""
-        return xxhash.xxh3_64_hexdigest(json.dumps(sorted(self.manifest.files)).encode())
+        """The save this checkpoint holds (its data files are named by its save id; a save
+        without data files has its time), the same for every copy of it (a manager's tiers)."""
+        manifest = self.manifest
+        mark = [sorted(manifest.files), manifest.created, manifest.step]
+        return xxhash.xxh3_64_hexdigest(json.dumps(mark).encode())
 
 
 def _prepare(
