@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import pytest
 import torch
@@ -363,3 +364,35 @@ def test_a_model_saved_under_ddp_loads_unwrapped_and_compiled(tmp_path: pathlib.
             "model.bias",
             "model.weight",
         ]
+
+
+class _FineTuned(torch.nn.Module):
+    """Saves only what it trains: its state_dict() leaves the frozen backbone out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(8, 8).requires_grad_(False)
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if not k.startswith("backbone."))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_module_whose_state_dict_leaves_keys_out_loads(
+    tmp_path: pathlib.Path, strict: bool
+) -> None:
+    """Restored through load_state_dict (BatchNorm overrides its loading), a module is not
+    refused for the keys its own state_dict() leaves out."""
+    torch.manual_seed(0)
+    source = _FineTuned()
+    source.head(torch.randn(5, 8))  # the running statistics move
+    unickpt.save(str(tmp_path / "c"), {"model": source})
+    torch.manual_seed(1)
+    target = _FineTuned()
+    backbone = target.backbone.weight.clone()
+    unickpt.load(str(tmp_path / "c"), {"model": target}, strict=strict)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    assert torch.equal(target.backbone.weight, backbone)

@@ -435,3 +435,59 @@ def test_a_drain_clears_what_a_killed_drain_left(shm: str, tmp_path: os.PathLike
         resumed.wait()
         assert disk.child(name(1)).list() == files, f"debris of a drain killed {killed}"
         unickpt.verify(disk.child(name(1)))
+
+
+def test_a_retried_save_is_not_cleared_by_the_bookkeeping_of_its_failed_attempt(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt of step 10 fails (a full disk) while the drainer is still busy with
+    step 8; the retry starts at once. The drainer's later bookkeeping of the failure clears
+    step 10's leftovers on the memory tier: it must not clear the retry's files."""
+    root = os.fspath(tmp_path)
+    manager = CheckpointManager(
+        [f"memory://{root}/mem", f"{root}/disk"],
+        mode="async",
+        keep_last=10,
+        keep_in_memory=10,
+        max_write_rate=4 << 20,  # step 8's drain to disk takes about a second
+    )
+    state = {"model": torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])}
+    manager.maybe_save(8, state, force=True).wait()
+    open_writer, failed = LocalStorage.open_writer, []
+
+    def full_disk_once(storage: LocalStorage, path: str) -> Any:
+        if "step_0000000010" in storage.url and path.startswith("data/") and not failed:
+            failed.append(path)
+            raise OSError(28, "No space left on device")
+        return open_writer(storage, path)
+
+    monkeypatch.setattr(LocalStorage, "open_writer", full_disk_once)
+    with pytest.raises(unickpt.StorageError, match="No space left"):
+        manager.maybe_save(10, state, force=True).wait()
+    retry = manager.maybe_save(10, state, force=True)
+    assert retry is not None and retry.wait() is not None
+    with pytest.raises(unickpt.CheckpointError, match="No space left"):
+        manager.wait()  # the failed attempt, reported once
+    manager.close()
+    target = {"model": torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])}
+    unickpt.load(f"{root}/disk/step_0000000010", target, verify=True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(target["model"].parameters(), state["model"].parameters(), strict=True)
+    )
+
+
+def test_a_forced_save_of_the_restored_step_is_not_made_after_a_failed_one(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """A save fails, the loop rolls back (restore), then saves the restored step: that step
+    is committed already, so nothing is saved (the failed save's handle does not count)."""
+    manager = CheckpointManager(os.fspath(tmp_path), mode="lazy", keep_last=5)
+    state = {"w": torch.ones(4)}
+    manager.maybe_save(8, state, force=True).wait()
+    manager.maybe_save(10, state, metrics={"loss": object()}, force=True)  # fails in the background
+    with pytest.raises(unickpt.CheckpointError, match="step_0000000010"):
+        manager.wait()
+    assert manager.restore(state) == 8
+    assert manager.maybe_save(8, state, force=True) is None
+    manager.close()

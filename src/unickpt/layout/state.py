@@ -525,7 +525,13 @@ def _fills_in_place(stateful: Any, sd: Any) -> bool:
 
 def _restore(key: str, stateful: Any, sd: Any) -> None:
     try:
-        stateful.load_state_dict(sd)
+        if isinstance(stateful, torch.nn.Module):
+            # ``sd`` is the module's own state_dict(), matched against the checkpoint already
+            # (with the caller's strictness); one that leaves keys out (a frozen backbone,
+            # adapters only) must not be refused for them here.
+            stateful.load_state_dict(sd, strict=False)
+        else:
+            stateful.load_state_dict(sd)
     except CheckpointError:
         raise
     except Exception as exc:

@@ -306,13 +306,16 @@ class CheckpointManager:
 
     def _newest_failed(self) -> bool:
         """Whether the background save of the newest checkpoint failed (waiting for it: its
-        outcome is the same on every rank, the moment each rank learns it is not)."""
+        outcome is the same on every rank, the moment each rank learns it is not). If it did,
+        the drainer's bookkeeping of the failure, which clears its leftovers on the memory
+        tier, is waited for too: it would clear those of the retry."""
         handle = self._newest_handle
         if handle is None:
             return False
         try:
             handle.wait()
         except Exception:
+            self._drainer.wait()
             return True
         return False
 
@@ -678,7 +681,7 @@ class CheckpointManager:
                 if not problem:
                     log.info("unickpt: restored %s from %s", name, tier.url)
                     self._supersede(candidates[:at], name)
-                    self._newest = name
+                    self._newest, self._newest_handle = name, None
                     if index + 1 < len(self.tiers):
                         self._submit(name, None, source=index)
                     return step
