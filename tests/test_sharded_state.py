@@ -396,3 +396,56 @@ def test_a_module_whose_state_dict_leaves_keys_out_loads(
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     assert torch.equal(target.backbone.weight, backbone)
+
+
+class _ExtraStateNobodySets(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.seen = 0
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"seen": self.seen}
+
+
+class _SavedAsFp16(torch.nn.Module):
+    """A state-dict hook stores the weight under another name, and nothing converts it back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+        self._register_state_dict_hook(_SavedAsFp16._to_fp16)
+
+    @staticmethod
+    def _to_fp16(module: torch.nn.Module, sd: dict[str, Any], prefix: str, _: object) -> None:
+        sd[prefix + "w16"] = sd.pop(prefix + "weight").half()
+
+
+class _OneArgumentLoad(torch.nn.Module):
+    """An EMA holder overriding load_state_dict without torch's ``strict`` parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shadow = torch.nn.BatchNorm1d(3)
+
+    def load_state_dict(self, state_dict: Any) -> Any:  # type: ignore[override]
+        return super().load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("make", [_ExtraStateNobodySets, _SavedAsFp16], ids=["extra", "fp16"])
+def test_state_a_module_cannot_take_is_refused_not_dropped(
+    tmp_path: pathlib.Path, make: type[torch.nn.Module]
+) -> None:
+    source = make()
+    unickpt.save(str(tmp_path / "c"), {"m": source})
+    with pytest.raises(unickpt.StateMismatchError, match=r"^m: .*load_state_dict\(\) refused"):
+        unickpt.load(str(tmp_path / "c"), {"m": make()}, strict=False)
+
+
+def test_a_load_state_dict_without_strict_is_called_plainly(tmp_path: pathlib.Path) -> None:
+    source = _OneArgumentLoad()
+    source.shadow(torch.randn(5, 3))
+    unickpt.save(str(tmp_path / "c"), {"ema": source})
+    target = _OneArgumentLoad()
+    unickpt.load(str(tmp_path / "c"), {"ema": target})
+    assert torch.equal(target.shadow.running_mean, source.shadow.running_mean)

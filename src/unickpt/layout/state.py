@@ -526,10 +526,17 @@ def _fills_in_place(stateful: Any, sd: Any) -> bool:
 def _restore(key: str, stateful: Any, sd: Any) -> None:
     try:
         if isinstance(stateful, torch.nn.Module):
-            # ``sd`` is the module's own state_dict(), matched against the checkpoint already
-            # (with the caller's strictness); one that leaves keys out (a frozen backbone,
-            # adapters only) must not be refused for them here.
-            stateful.load_state_dict(sd, strict=False)
+            # ``sd`` is the module's own state_dict(): one that leaves keys out (a frozen
+            # backbone, adapters only) must not be refused for them. Anything else torch's
+            # strict load refuses (keys no module takes, extra state nothing sets) still is.
+            def forgive_left_out(module: torch.nn.Module, keys: Any) -> None:
+                keys.missing_keys[:] = [k for k in keys.missing_keys if k in sd]
+
+            handle = stateful.register_load_state_dict_post_hook(forgive_left_out)  # type: ignore[no-untyped-call]
+            try:
+                stateful.load_state_dict(sd)
+            finally:
+                handle.remove()
         else:
             stateful.load_state_dict(sd)
     except CheckpointError:
