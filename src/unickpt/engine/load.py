@@ -30,7 +30,7 @@ from unickpt.format.dtypes import torch_dtype
 from unickpt.format.manifest import RESERVED_KEYS, Manifest, TensorMeta, read_manifest
 from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
-from unickpt.layout.state import LoadView, collect_for_load
+from unickpt.layout.state import LoadView, MemoryView, collect_for_load, memory_view
 from unickpt.plan.load_plan import ChunkRead, contiguous_destination, plan_target_reads
 from unickpt.storage import Reader, Storage, open_storage
 from unickpt.telemetry import PhaseTimer
@@ -115,7 +115,7 @@ def _agree(comm: Comm, error: Exception | None, prepared: _PreparedLoad | None) 
         rank, message = failures[0]
         raise CheckpointError(f"load failed on rank {rank}: {message}")
     if prepared is not None and len({vote["save"] for vote in votes}) > 1:
-        differ = [(r, v["url"]) for r, v in enumerate(votes) if v["save"] != prepared.identity]
+        differ = [(r, v["url"]) for r, v in enumerate(votes) if v["save"] != mine["save"]]
         raise CheckpointError(
             f"ranks are loading different checkpoints: rank {comm.rank} {prepared.storage.url}, "
             f"rank {differ[0][0]} {differ[0][1]}; nothing was loaded. Every rank must load the "
@@ -127,25 +127,23 @@ def _drop_tied_aliases(view: LoadView, manifest: Manifest) -> None:
     """A tensor the state holds under two keys (tied embeddings) is filled through the key the
     checkpoint has; the other key is not missing (HF files often omit ``lm_head.weight``)."""
     stored = {
-        _identity(shard.local): key for key, shard in view.shards.items() if key in manifest.tensors
+        memory_view(shard.local): key
+        for key, shard in view.shards.items()
+        if key in manifest.tensors
     }
     for key in [k for k in view.shards if k not in manifest.tensors]:
-        if _identity(view.shards[key].local) in stored:
+        if memory_view(view.shards[key].local) in stored:
             del view.shards[key]
-
-
-def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    return (tensor.data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
 
 
 def _untied_into_tied(view: LoadView, manifest: Manifest) -> list[str]:
     """Keys that are one tensor in the state (tied weights) but hold different values in the
     checkpoint (saved untied): loading both would keep whichever came last. Their chunks'
     checksums tell, when both keys were saved in the same boxes (as tied tensors are)."""
-    tied: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    tied: dict[MemoryView, list[str]] = {}
     for key, shard in view.shards.items():
         if key in manifest.tensors and shard.local.numel():
-            tied.setdefault(_identity(shard.local), []).append(key)
+            tied.setdefault(memory_view(shard.local), []).append(key)
     problems = []
     for first, *others in (keys for keys in tied.values() if len(keys) > 1):
         chunks = _checksums(manifest.tensors[first])

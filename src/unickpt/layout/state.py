@@ -34,10 +34,10 @@ def _is_stateful(value: object) -> bool:
     )
 
 
-def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / DataParallel / ``torch.compile`` wrappers: its keys are the
-    checkpoint's, so that a model saved wrapped loads unwrapped (evaluation on one process) and
-    the other way round."""
+def _unwrapped(module: Any) -> Any:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers (anything else as it
+    is): its keys are the checkpoint's, so that a model saved wrapped loads unwrapped
+    (evaluation on one process) and the other way round."""
     while True:
         if isinstance(module, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
             module = module.module
@@ -254,19 +254,19 @@ class SaveView:
             raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
 
 
-_MemoryView = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
+MemoryView = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
 
 
-def _view_of(tensor: torch.Tensor) -> _MemoryView:
+def memory_view(tensor: torch.Tensor) -> MemoryView:
     """Which bytes a (local) tensor views: tensors equal here alias each other exactly."""
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     return local.data_ptr(), local.dtype, tuple(local.shape), local.stride()
 
 
-def _buffer_views(state: object) -> set[_MemoryView]:
+def _buffer_views(state: object) -> set[MemoryView]:
     """The memory of every buffer of the nn.Modules in the state."""
     return {
-        _view_of(buffer)
+        memory_view(buffer)
         for module in find_instances(state, torch.nn.Module)
         for buffer in module.buffers()
         if buffer.numel()
@@ -295,7 +295,7 @@ def collect_for_save(
             if shard.local.is_conj() or shard.local.is_neg():  # lazy flags: their memory is
                 local = shard.local.resolve_conj().resolve_neg()  # not their values
                 shard = replace(shard, local=local)
-            elif shard.local.numel() and _view_of(shard.local) in buffers:
+            elif shard.local.numel() and memory_view(shard.local) in buffers:
                 shard = replace(shard, local=shard.local.clone())
             view.shards[key] = shard
         elif _is_json(value) and not _non_str_keys(value):
@@ -313,10 +313,8 @@ def collect_for_save(
                 for name, item in entries.items():
                     leaf(f"{key}{SEP}state{SEP}{pnames[index]}{SEP}{name}", item)
             leaf(f"{key}{SEP}param_groups", _json_groups(sd["param_groups"], pnames))
-        elif isinstance(value, torch.nn.Module):
-            walk(_unwrapped(value).state_dict(), key)
         elif _is_stateful(value):
-            walk(value.state_dict(), key)
+            walk(_unwrapped(value).state_dict(), key)
         elif isinstance(value, dict) or (
             isinstance(value, list | tuple) and _contains_tensors(value)
         ):
@@ -478,8 +476,7 @@ def collect_for_load(
         if isinstance(value, torch.optim.Optimizer):
             _load_optimizer(value, key, view, names, ckpt_tensors, ckpt_objects)
         elif _is_stateful(value):
-            if isinstance(value, torch.nn.Module):
-                value = _unwrapped(value)
+            value = _unwrapped(value)
             holder = [value.state_dict()]  # any value, a dict or not, can be replaced
             walk(holder[0], key, _item_setter(holder, 0))
             if not _fills_in_place(value, holder[0]):
@@ -511,8 +508,8 @@ def _fills_in_place(stateful: Any, sd: Any) -> bool:
     extra state, caches rebuilt after a load)."""
     if not isinstance(stateful, torch.nn.Module) or not isinstance(sd, dict):
         return False
-    own = {_view_of(t) for t in itertools.chain(stateful.parameters(), stateful.buffers())}
-    if not all(isinstance(v, torch.Tensor) and _view_of(v) in own for v in sd.values()):
+    own = {memory_view(t) for t in itertools.chain(stateful.parameters(), stateful.buffers())}
+    if not all(isinstance(v, torch.Tensor) and memory_view(v) in own for v in sd.values()):
         return False
     return not any(
         m._load_state_dict_pre_hooks
