@@ -196,6 +196,26 @@ def test_many_replicated_tensors_are_balanced() -> None:
     assert_balanced(plan.bytes_per_rank())
 
 
+def test_module_buffers_are_written_whole_by_their_lowest_holder() -> None:
+    """Buffers' replicas may differ (DDP's BatchNorm statistics): the lowest rank holding one
+    writes all of it, however large; the rest is balanced around it."""
+    params = [full(f"p{i}", (64, 64)) for i in range(8)]
+    buffers = [
+        ShardMeta(f"bn{i}", "float32", (n,), Box.full((n,)), buffer=True)
+        for i, n in enumerate((4, 4000, SPLIT_BYTES))  # the last one 4x the split size
+    ]
+    late = ShardMeta("late", "float32", (16,), Box.full((16,)), buffer=True)
+    per_rank = [params + buffers, params + buffers + [late], params + buffers + [late]]
+    plan = build_save_plan(per_rank)
+    check_plan(per_rank, plan)
+    pieces = writers(plan)
+    for meta in buffers:
+        assert pieces[(meta.key, meta.box)] == [0], meta.key
+    assert pieces[("late", late.box)] == [1]
+    params_per_rank = [sum(key.startswith("p") for key, _ in w) for w in plan.writes]
+    assert params_per_rank == [0, 4, 4], "rank 0's 128 MiB of buffers count in the balance"
+
+
 def test_large_replicated_tensor_is_split_across_its_holders() -> None:
     big = full("big", (64, 1024, 1024))  # 256 MiB, 8 x SPLIT_BYTES
     wide = full("wide", (1, 8, 2**22))  # 128 MiB: the first dimension longer than 1 is cut

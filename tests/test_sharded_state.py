@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 from typing import Any
@@ -364,6 +365,42 @@ def test_a_model_saved_under_ddp_loads_unwrapped_and_compiled(tmp_path: pathlib.
             "model.bias",
             "model.weight",
         ]
+
+
+def _batchnorm_net() -> torch.nn.Sequential:
+    widths = [8, 64, 32, 16]
+    return torch.nn.Sequential(
+        *(
+            layer
+            for n_in, n_out in itertools.pairwise(widths)
+            for layer in (torch.nn.Linear(n_in, n_out), torch.nn.BatchNorm1d(n_out))
+        )
+    )
+
+
+def _batchnorm_under_ddp(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = _batchnorm_net()
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    model(torch.randn(4, 8) + rank).sum().backward()  # each rank's statistics its own batch's
+    for mode in ("sync", "async", "lazy"):
+        handle = unickpt.save(f"{path}/{mode}", {"model": model}, mode=mode)
+        if isinstance(handle, unickpt.SaveHandle):
+            handle.wait()
+    return {k: v.clone() for k, v in net.named_buffers()}
+
+
+def test_ddp_buffers_are_saved_from_rank_0(tmp_path: pathlib.Path) -> None:
+    """DDP leaves each rank's BatchNorm statistics its own until the next forward broadcasts
+    rank 0's: a checkpoint holds rank 0's, the ones the run itself goes on with."""
+    per_rank = run_distributed(3, _batchnorm_under_ddp, str(tmp_path))
+    assert not torch.equal(per_rank[0]["1.running_mean"], per_rank[1]["1.running_mean"])
+    for mode in ("sync", "async", "lazy"):
+        net = _batchnorm_net()
+        unickpt.load(f"{tmp_path}/{mode}", {"model": net})
+        buffers = dict(net.named_buffers())
+        for name, value in per_rank[0].items():
+            assert torch.equal(buffers[name], value), (mode, name)
 
 
 class _FineTuned(torch.nn.Module):

@@ -161,7 +161,13 @@ def _collect(
             if rank == 0:
                 _add_opaque(view)
             metas = [
-                ShardMeta(key, dtype_name(s.local.dtype, key=key), s.global_shape, s.box)
+                ShardMeta(
+                    key,
+                    dtype_name(s.local.dtype, key=key),
+                    s.global_shape,
+                    s.box,
+                    buffer=key in view.buffers,
+                )
                 for key, s in view.shards.items()
             ]
             digest = layout_digest(metas)

@@ -243,11 +243,15 @@ def _in_live_form(live: Any, saved: Any) -> Any:
 
 @dataclass
 class SaveView:
-    """A rank's state, flattened: its shards, JSON objects and (opt-in) opaque objects."""
+    """A rank's state, flattened: its shards, JSON objects and (opt-in) opaque objects.
+
+    ``buffers`` names the shards that are buffers of the modules in the state.
+    """
 
     shards: dict[str, LocalShard] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
     opaque: dict[str, Any] = field(default_factory=dict)
+    buffers: set[str] = field(default_factory=set)
 
     def _claim(self, key: str) -> None:
         if key in self.shards or key in self.objects or key in self.opaque:
@@ -278,15 +282,16 @@ def collect_for_save(
 ) -> SaveView:
     """Flatten ``state`` as it stands on this rank.
 
-    ``snapshot_buffers`` clones the buffers of the modules in ``state`` (found by the memory
-    they view, so renamed state-dict keys still match, and parameters sharing a storage with
-    them, as after an mmap load, do not), for saves that copy the rest later: forward passes
-    update buffers such as BatchNorm's running statistics in place, before any optimizer step.
+    The buffers of the modules in ``state`` are found by the memory they view, so renamed
+    state-dict keys still match, and parameters sharing a storage with them, as after an mmap
+    load, do not; ``view.buffers`` names them. ``snapshot_buffers`` clones them, for saves that
+    copy the rest later: forward passes update buffers such as BatchNorm's running statistics in
+    place, before any optimizer step.
     """
     check_state(state)
     view = SaveView()
     names = _param_names(state)
-    buffers = _buffer_views(state) if snapshot_buffers else set()
+    buffers = _buffer_views(state)
 
     def leaf(key: str, value: Any) -> None:
         view._claim(key)
@@ -296,7 +301,9 @@ def collect_for_save(
                 local = shard.local.resolve_conj().resolve_neg()  # not their values
                 shard = replace(shard, local=local)
             elif shard.local.numel() and memory_view(shard.local) in buffers:
-                shard = replace(shard, local=shard.local.clone())
+                view.buffers.add(key)
+                if snapshot_buffers:
+                    shard = replace(shard, local=shard.local.clone())
             view.shards[key] = shard
         elif _is_json(value) and not _non_str_keys(value):
             view.objects[key] = copy.deepcopy(value)  # as of now, whatever the caller does next

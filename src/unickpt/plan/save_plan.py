@@ -3,7 +3,8 @@
 Every rank reports the boxes it holds. Identical boxes held by several ranks (DP replicas,
 ``Replicate()`` placements, plain tensors) are written once; large replicated boxes are cut so
 their replicas share the writing; then boxes go, largest first, to the least-loaded rank holding
-them. The plan depends only on the global layout, so it is cached under that layout's digest.
+them. Module buffers are the exception: they go whole to the lowest rank holding them. The plan
+depends only on the global layout, so it is cached under that layout's digest.
 """
 
 from __future__ import annotations
@@ -30,12 +31,19 @@ SPLIT_BYTES = 32 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ShardMeta:
-    """What one rank holds of one tensor."""
+    """What one rank holds of one tensor.
+
+    ``buffer`` marks a module buffer. Its replicas may differ where parameters' cannot: DDP
+    leaves each rank's BatchNorm statistics as its own batches made them until the next forward
+    broadcasts rank 0's. So the lowest rank holding a buffer writes it, and a resume continues
+    from the statistics the run itself would have used.
+    """
 
     key: str
     dtype: str
     shape: tuple[int, ...]
     box: Box
+    buffer: bool = False
 
     def to_json(self) -> list[object]:
         return [
@@ -44,14 +52,15 @@ class ShardMeta:
             list(self.shape),
             list(self.box.offsets),
             list(self.box.sizes),
+            self.buffer,
         ]
 
     @staticmethod
     def from_json(doc: list[object]) -> ShardMeta:
-        key, dtype, shape, offsets, sizes = doc
-        assert isinstance(key, str) and isinstance(dtype, str)
+        key, dtype, shape, offsets, sizes, buffer = doc
+        assert isinstance(key, str) and isinstance(dtype, str) and isinstance(buffer, bool)
         assert isinstance(shape, list) and isinstance(offsets, list) and isinstance(sizes, list)
-        return ShardMeta(key, dtype, tuple(shape), Box.of(offsets, sizes))
+        return ShardMeta(key, dtype, tuple(shape), Box.of(offsets, sizes), buffer)
 
 
 def layout_digest(metas: list[ShardMeta]) -> str:
@@ -79,6 +88,7 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     holders: dict[tuple[str, Box], list[int]] = {}
     declared: dict[str, list[int]] = {}
+    buffers: set[str] = set()
     for rank, metas in enumerate(per_rank):
         for meta in metas:
             spec = (meta.dtype, meta.shape)
@@ -89,6 +99,8 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
                     f"(rank {rank})"
                 )
             declared.setdefault(meta.key, []).append(rank)
+            if meta.buffer:
+                buffers.add(meta.key)
             if meta.box.volume:
                 holders.setdefault((meta.key, meta.box), []).append(rank)
 
@@ -113,6 +125,9 @@ def build_save_plan(per_rank: list[list[ShardMeta]], split_bytes: int = SPLIT_BY
         for box in boxes:
             ranks = holders[(key, box)]
             nbytes = box.volume * size
+            if key in buffers:
+                pieces.append((nbytes, key, box, [min(ranks)]))
+                continue
             parts = min(len(ranks), max(1, nbytes // split_bytes)) if len(ranks) > 1 else 1
             for piece in box.split(parts):
                 pieces.append((piece.volume * size, key, piece, ranks))
