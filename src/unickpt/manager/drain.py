@@ -121,6 +121,7 @@ def drain(
     if comm.rank == 0:
         try:
             text = source.read(MANIFEST)
+            manifest = Manifest.from_json(text, where=source.describe(MANIFEST))
             if target.exists(MANIFEST):
                 if target.read(MANIFEST) != text:  # e.g. a run that went back and re-saved
                     raise StorageError(
@@ -129,9 +130,8 @@ def drain(
                     )
                 intro["present"] = True
                 with contextlib.suppress(Exception):  # what a drain killed after publishing left
-                    tidy(target, Manifest.from_json(text, where=source.describe(MANIFEST)))
+                    tidy(target, manifest)
             else:
-                manifest = Manifest.from_json(text, where=source.describe(MANIFEST))
                 intro["files"] = manifest.files
                 target_root.delete_prefix(name)  # what a drain killed mid-copy left
                 mark_inflight(target)
