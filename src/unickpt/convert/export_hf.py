@@ -42,7 +42,7 @@ from unickpt.convert.spec import Spec
 from unickpt.engine.buffers import streaming_empty, tensor_bytes
 from unickpt.engine.load import CheckpointReader
 from unickpt.engine.stream import LazyTensor, Progress
-from unickpt.errors import CheckpointError, ConversionError, StorageError
+from unickpt.errors import ConversionError
 from unickpt.format.dtypes import dtype_name, torch_dtype
 from unickpt.format.safetensors_file import FileEntry, encode_header
 from unickpt.storage import Storage
@@ -177,22 +177,15 @@ def _write_shard(
         for e in members
     ]
     header, _ = encode_header(entries, dict(HF_METADATA))
-    try:
-        with storage.open_writer(file) as writer:
-            writer.write(header)
-            for export in members:
-                tensor = export.source.materialize(export.name)
-                if tensor.dtype != export.dtype:
-                    tensor = streaming_empty(tensor.shape, export.dtype).copy_(tensor)
-                writer.write(tensor_bytes(tensor))
-                del tensor
-                wrote(export.nbytes)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise StorageError(
-            f"writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
-        ) from exc
+    with storage.naming_errors(file), storage.open_writer(file) as writer:
+        writer.write(header)
+        for export in members:
+            tensor = export.source.materialize(export.name)
+            if tensor.dtype != export.dtype:
+                tensor = streaming_empty(tensor.shape, export.dtype).copy_(tensor)
+            writer.write(tensor_bytes(tensor))
+            del tensor
+            wrote(export.nbytes)
 
 
 def _remove_stale(storage: Storage, written: set[str]) -> None:

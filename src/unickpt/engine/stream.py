@@ -26,7 +26,7 @@ import torch
 from unickpt.engine.buffers import tensor_bytes
 from unickpt.engine.datafile import DATA_DIR, shard_key
 from unickpt.engine.save import mark_inflight, tidy
-from unickpt.errors import CheckpointError, CheckpointExistsError, StorageError
+from unickpt.errors import CheckpointError, CheckpointExistsError
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import dtype_name, itemsize
 from unickpt.format.manifest import (
@@ -188,35 +188,28 @@ def stream_save(
                 [entry for _, _, entry in members],
                 {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)},
             )
-            try:
-                with storage.open_writer(file) as writer:
-                    try:
-                        background.write(writer, header)
-                        for (key, lazy, entry), offset in zip(members, offsets, strict=True):
-                            data = tensor_bytes(lazy.materialize(key))
-                            chunk = Chunk(
-                                (0,) * len(lazy.shape),
-                                lazy.shape,
-                                file,
-                                entry.name,
-                                offset,
-                                entry.nbytes,
-                                checksum(data),
-                            )
-                            background.write(writer, data)
-                            del data
-                            metas[key] = TensorMeta(entry.dtype, lazy.shape, [chunk])
-                            done += entry.nbytes
-                            if progress is not None:
-                                progress(done, total)
-                    finally:  # the writer is not closed (committed or aborted) under the thread
-                        background.drain()
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise StorageError(
-                    f"writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
-                ) from exc
+            with storage.naming_errors(file), storage.open_writer(file) as writer:
+                try:
+                    background.write(writer, header)
+                    for (key, lazy, entry), offset in zip(members, offsets, strict=True):
+                        data = tensor_bytes(lazy.materialize(key))
+                        chunk = Chunk(
+                            (0,) * len(lazy.shape),
+                            lazy.shape,
+                            file,
+                            entry.name,
+                            offset,
+                            entry.nbytes,
+                            checksum(data),
+                        )
+                        background.write(writer, data)
+                        del data
+                        metas[key] = TensorMeta(entry.dtype, lazy.shape, [chunk])
+                        done += entry.nbytes
+                        if progress is not None:
+                            progress(done, total)
+                finally:  # the writer is not closed (committed or aborted) under the thread
+                    background.drain()
             files[file] = offsets[-1] + members[-1][2].nbytes
         manifest = Manifest(
             tensors=dict(sorted(metas.items())),

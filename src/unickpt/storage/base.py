@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 import math
 import posixpath
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
-from unickpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from unickpt.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StorageError,
+    UnsafeCheckpointError,
+)
 
 
 def check_relative_path(path: str) -> str:
@@ -224,3 +231,16 @@ class Storage(abc.ABC):
     def describe(self, path: str) -> str:
         """A human-readable location of ``path`` for error messages."""
         return f"{self.url.rstrip('/')}/{path}"
+
+    @contextlib.contextmanager
+    def naming_errors(self, path: str) -> Iterator[None]:
+        """Writing ``path``: unickpt's own errors pass through, any other becomes a
+        StorageError naming the file (a source tensor that fails to materialise included)."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise StorageError(
+                f"writing {self.describe(path)}: {type(exc).__name__}: {exc}"
+            ) from exc
