@@ -280,3 +280,24 @@ def test_gc_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None
     result = invoke("gc", "s3://bucket/run")
     assert result.exit_code == 1, repr(result.exception)
     assert result.stderr == "ERROR: cannot list s3://bucket/run: access denied\n", result.stderr
+
+
+def test_control_characters_from_a_checkpoint_are_printed_escaped(tmp_path: pathlib.Path) -> None:
+    """Names from a checkpoint cannot send escape sequences to the terminal (or a log file):
+    each control character (C0, DEL, C1) is printed as repr writes it."""
+    key = "w\x1b[2J\x1b]0;pwned\x07\x7f\x9b31m"
+    path = os.fspath(tmp_path / "run\x1b[31m")
+    unickpt.save(path, {key: torch.zeros(2), "cfg": {"k\x1b": "v\x9b"}})
+    (tmp_path / "root" / "gone\x1b[2J").mkdir(parents=True)  # empty: gc removes it
+    shown = invoke("inspect", path)
+    missing = invoke("inspect", path + "\x07-missing")
+    collected = invoke("gc", os.fspath(tmp_path / "root"))
+    assert shown.exit_code == collected.exit_code == 0 and missing.exit_code == 1
+    for result in (shown, missing, collected):
+        output = result.stdout + result.stderr
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", output), repr(output)
+    assert shown.stdout.startswith(f"{tmp_path}/run\\x1b[31m  step=None"), shown.stdout
+    assert "w\\x1b[2J\\x1b]0;pwned\\x07\\x7f\\x9b31m" in shown.stdout, shown.stdout
+    assert '{"cfg.k\\u001b": "v\\u009b"}' in shown.stdout, shown.stdout  # as JSON escapes them
+    assert missing.stderr == f"ERROR: no checkpoint at {tmp_path}/run\\x1b[31m\\x07-missing\n"
+    assert collected.stdout == "removed gone\\x1b[2J (incomplete): empty\n", collected.stdout

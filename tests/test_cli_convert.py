@@ -110,3 +110,17 @@ def test_convert_errors_are_one_clear_line(tmp_path: pathlib.Path) -> None:
             ["convert", "--from", "megatron", "--trust-pickle", str(root), str(tmp_path / "u2")],
         )
     assert result.exit_code == 0, result.output
+
+
+def test_options_a_source_does_not_take_are_named(tmp_path: pathlib.Path) -> None:
+    """--spec and --set are refused with their own names (--spec is no "spec variable")."""
+    src, dst = str(tmp_path / "src"), str(tmp_path / "u")
+    cases = [
+        (["--from", "dcp", "--spec", "plain"], "--from dcp takes no --spec"),
+        (["--from", "dcp", "--set", "n=1"], "--from dcp takes no --set"),
+        (["--from", "hf", "--set", "n=1"], "--from hf takes no --set"),
+    ]
+    for options, message in cases:
+        result = runner.invoke(app, ["convert", *options, src, dst], env={"COLUMNS": "200"})
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "variables" not in result.output, result.output

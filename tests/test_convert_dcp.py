@@ -188,6 +188,11 @@ def test_any_storage_backend_and_large_items(tmp_path: Path) -> None:
         source.put_atomic(path.name, path.read_bytes())
     manifest = import_dcp("memory://convert-dcp/src", "memory://convert-dcp/dst")
     assert manifest.objects == {"meta.epoch": 4}
+    assert manifest.writer["converted_from"] == {
+        "format": "torch-dcp",
+        "path": "memory://convert-dcp/src",  # as given
+        "items": 3,
+    }
     with CheckpointReader("memory://convert-dcp/dst") as reader:
         assert torch.equal(reader.read("model.big"), big)
         assert torch.equal(reader.read("model.small"), torch.arange(10))

@@ -107,7 +107,10 @@ def test_single_file_directory_or_path_loads_into_a_module(tmp_path: Path) -> No
     (tmp_path / "hf").mkdir()
     save_file(module.state_dict(), str(tmp_path / "hf" / "model.safetensors"))
     for src, dst in ((tmp_path / "hf", "a"), (tmp_path / "hf" / "model.safetensors", "b")):
-        import_hf(src, tmp_path / dst)
+        manifest = import_hf(src, tmp_path / dst)
+        source = manifest.writer["converted_from"]
+        assert source["format"] == "hf-safetensors" and source["path"] == str(src)  # as given
+        assert unickpt.inspect(str(tmp_path / dst)).writer["converted_from"] == source
         target = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4))
         unickpt.load(str(tmp_path / dst), {"model": target})
         for name, want in module.state_dict().items():

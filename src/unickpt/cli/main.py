@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from enum import Enum
 
@@ -44,6 +45,18 @@ app = typer.Typer(
 out = Console(soft_wrap=True, markup=False, emoji=False)
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode's "Cc" characters
+
+
+def _printable(text: str, *, keep: str = "") -> str:
+    """``text`` with each control character but those in ``keep`` shown as repr shows it (ESC as
+    ``\\x1b``), for every string of checkpoint origin the CLI prints (paths, tensor and object
+    names, directory names, error messages): a crafted checkpoint must not be able to send escape
+    sequences (clear the screen, retitle or recolour the terminal) to a terminal or to a log that
+    is later shown on one. Markup lines still escape() the result.
+    """
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else repr(m[0])[1:-1], text)
+
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -67,7 +80,8 @@ def _size(n: int) -> str:
 
 def _fail(exc: CheckpointError) -> typer.Exit:
     label = "INCOMPLETE" if isinstance(exc, IncompleteCheckpointError) else "ERROR"
-    err.print(f"[bold red]{label}[/]: {escape(str(exc))}", markup=True, highlight=False)
+    message = _printable(str(exc), keep="\n")  # a verify report lists one problem a line
+    err.print(f"[bold red]{label}[/]: {escape(message)}", markup=True, highlight=False)
     return typer.Exit(1)
 
 
@@ -101,11 +115,13 @@ def inspect_cmd(
         return
     writer = manifest.writer
     out.print(
-        f"[bold]{escape(path)}[/]  "
+        f"[bold]{escape(_printable(path))}[/]  "
         + escape(
-            f"step={manifest.step}  format v{manifest.version}  "
-            f"{_size(manifest.total_bytes)} in {len(manifest.files)} file(s)  "
-            f"written by world_size={writer.get('world_size')} meshes={writer.get('meshes')}"
+            _printable(
+                f"step={manifest.step}  format v{manifest.version}  "
+                f"{_size(manifest.total_bytes)} in {len(manifest.files)} file(s)  "
+                f"written by world_size={writer.get('world_size')} meshes={writer.get('meshes')}"
+            )
         ),
         markup=True,
         highlight=False,
@@ -115,7 +131,7 @@ def inspect_cmd(
         table.add_column(column, justify="right" if column in ("chunks", "bytes") else "left")
     for key, meta in manifest.tensors.items():
         table.add_row(
-            key,
+            _printable(key),
             meta.dtype + (" (pickle)" if meta.encoding != "raw" else ""),
             str(list(meta.shape)),
             str(len(meta.chunks)),
@@ -123,9 +139,11 @@ def inspect_cmd(
         )
     out.print(table)
     if manifest.objects:
-        out.print(f"objects: {json.dumps(manifest.objects)[:2000]}", highlight=False)
+        objects = _printable(json.dumps(manifest.objects)[:2000])  # json.dumps escapes them too
+        out.print(f"objects: {objects}", highlight=False)
     if manifest.user_metadata:
-        out.print(f"user_metadata: {json.dumps(manifest.user_metadata)}", highlight=False)
+        user_metadata = _printable(json.dumps(manifest.user_metadata))
+        out.print(f"user_metadata: {user_metadata}", highlight=False)
 
 
 @app.command("verify")
@@ -162,10 +180,8 @@ def gc_cmd(
         out.print("nothing to collect")
     for entry in entries:
         verb = "removed" if entry.removed else "kept"
-        out.print(
-            f"{verb} {entry.name} (incomplete){': ' + entry.reason if entry.reason else ''}",
-            highlight=False,
-        )
+        reason = f": {entry.reason}" if entry.reason else ""
+        out.print(_printable(f"{verb} {entry.name} (incomplete){reason}"), highlight=False)
 
 
 class Source(str, Enum):
@@ -208,8 +224,10 @@ def convert_cmd(
 ) -> None:
     """Convert a DeepSpeed, Megatron, DCP or HF checkpoint at SRC into a unickpt one at DST."""
     variables = _variables(assignments)
-    if source in (Source.dcp, Source.hf) and (variables or (spec and source is Source.dcp)):
-        raise typer.BadParameter(f"--from {source.value} takes no spec variables")
+    if spec is not None and source is Source.dcp:
+        raise typer.BadParameter("--from dcp takes no --spec")
+    if variables and source in (Source.dcp, Source.hf):
+        raise typer.BadParameter(f"--from {source.value} takes no --set")
     with _progress(f"converting {source.value}") as progress:
         try:
             if source is Source.deepspeed:
@@ -237,8 +255,10 @@ def convert_cmd(
         except CheckpointError as exc:
             raise _fail(exc) from exc
     out.print(
-        f"converted {src} ({source.value}) -> {dst}: {len(manifest.tensors)} tensors, "
-        f"{_size(manifest.total_bytes)}",
+        _printable(
+            f"converted {src} ({source.value}) -> {dst}: {len(manifest.tensors)} tensors, "
+            f"{_size(manifest.total_bytes)}"
+        ),
         highlight=False,
     )
 
@@ -264,7 +284,7 @@ def export_hf_cmd(
             )
         except CheckpointError as exc:
             raise _fail(exc) from exc
-    out.print(f"exported {src} -> {dst}: {len(files)} file(s)", highlight=False)
+    out.print(_printable(f"exported {src} -> {dst}: {len(files)} file(s)"), highlight=False)
 
 
 def main() -> None:

@@ -557,7 +557,13 @@ def import_dcp(
             open_location(dst, storage_options),
             entries,
             objects=objects,
-            writer_info={"converted_from": {"format": "torch-dcp", "items": len(items)}},
+            writer_info={
+                "converted_from": {
+                    "format": "torch-dcp",
+                    "path": os.fspath(src),
+                    "items": len(items),
+                }
+            },
             progress=progress,
         )
     finally:

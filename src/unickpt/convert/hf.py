@@ -31,7 +31,7 @@ from unickpt.errors import (
     ConversionError,
     CorruptCheckpointError,
 )
-from unickpt.format.dtypes import is_known, safetensors_dtype, torch_dtype
+from unickpt.format.dtypes import FROM_SAFETENSORS, torch_dtype
 from unickpt.format.manifest import MAX_COUNT, MAX_DIMS, Manifest
 from unickpt.format.safetensors_file import read_header
 from unickpt.format.untrusted import read_json
@@ -40,17 +40,6 @@ from unickpt.storage import Reader, Storage, open_storage
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20  # an index maps names to file names; anything larger is not one
-
-
-def _safetensors_dtypes() -> dict[str, torch.dtype]:
-    """safetensors header dtype -> torch dtype, for every dtype unickpt stores."""
-    names = {
-        str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)
-    }
-    return {safetensors_dtype(n): torch_dtype(n) for n in sorted(names) if is_known(n)}
-
-
-_FROM_SAFETENSORS = _safetensors_dtypes()
 
 
 def open_location(
@@ -142,12 +131,13 @@ class SafetensorsFiles:
             raise CorruptCheckpointError(
                 f"{where}: tensor {name!r} has a malformed header entry {entry!r}"
             )
-        dtype = _FROM_SAFETENSORS.get(entry["dtype"])
-        if dtype is None:
+        stored = FROM_SAFETENSORS.get(entry["dtype"])
+        if stored is None:
             raise ConversionError(
                 f"{where}: tensor {name!r} has dtype {entry['dtype']}, which unickpt cannot store "
-                f"(supported: {', '.join(_FROM_SAFETENSORS)})"
+                f"(supported: {', '.join(FROM_SAFETENSORS)})"
             )
+        dtype = torch_dtype(stored)
         shape = tuple(entry["shape"])
         if len(shape) > MAX_DIMS or any(not 0 <= n < MAX_COUNT for n in shape):
             raise CorruptCheckpointError(
@@ -264,7 +254,12 @@ def read_source(
         source.close()
         raise
     tensors = [t for file in files for t in found[file].values()]
-    description = {"format": "hf-safetensors", "files": files, "metadata": metadata}
+    description = {
+        "format": "hf-safetensors",
+        "path": src.url if isinstance(src, Storage) else os.fspath(src),  # as the caller gave it
+        "files": files,
+        "metadata": metadata,
+    }
     return source, tensors, description
 
 

@@ -26,6 +26,8 @@ _DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "complex64": (torch.complex64, "C64"),
 }
 _BY_TORCH = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}
+# safetensors header name -> manifest name, for the dtypes unickpt stores
+FROM_SAFETENSORS = {header: name for name, (_, header) in _DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype, *, key: str) -> str:
