@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -18,6 +20,19 @@ def ckpt_root(tmp_path: os.PathLike[str]) -> str:
     root = os.path.join(os.fspath(tmp_path), "ckpts")
     os.makedirs(root)
     return root
+
+
+@pytest.fixture
+def unwritable_data_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating any data file fails, as if ``data/`` were a file: saves fail while writing."""
+    real_open = os.open
+
+    def refusing(file: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_WRONLY and f"{os.sep}data{os.sep}r0" in os.fspath(file):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", file)
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ failure in any rank raises here with that rank's traceback; a hang is killed aft
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 import pickle
@@ -44,10 +45,12 @@ def _entry(
     out_dir: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
+    pg_timeout: float | None,
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    timeout = None if pg_timeout is None else datetime.timedelta(seconds=pg_timeout)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
         result = fn(rank, world_size, *args)
         dist.barrier()
@@ -58,14 +61,19 @@ def _entry(
 
 
 def run_distributed(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 300.0
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float = 300.0,
+    pg_timeout: float | None = None,
 ) -> list[Any]:
-    """Results of ``fn`` on each of ``world_size`` ranks, in rank order."""
+    """Results of ``fn`` on each of ``world_size`` ranks, in rank order; ``pg_timeout``: the
+    process group's timeout in seconds (torch's default if None)."""
     multiprocessing.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(
             _entry,
-            args=(world_size, free_port(), out_dir, fn, args),
+            args=(world_size, free_port(), out_dir, fn, args, pg_timeout),
             nprocs=world_size,
             join=False,
             start_method="forkserver",

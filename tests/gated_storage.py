@@ -8,13 +8,13 @@ from unickpt.storage import LocalStorage
 
 
 class GatedLocal(LocalStorage):
-    """Local storage whose every existence check waits for ``gate``: a background save's
-    first storage call, so its copy has not started until the test says so."""
+    """Local storage whose every listing waits for ``gate``: a background save's first storage
+    call (the check of its target), so its copy has not started until the test says so."""
 
     def __init__(self, root: str) -> None:
         super().__init__(root)
         self.gate = threading.Event()
 
-    def exists(self, path: str) -> bool:
+    def list(self, prefix: str = "") -> list[str]:
         assert self.gate.wait(timeout=60), "gate never opened"
-        return super().exists(path)
+        return super().list(prefix)

@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor
 
 import unickpt
 from unickpt.engine import background
-from unickpt.engine.datafile import DATA_DIR
 from unickpt.engine.load import CheckpointReader
+from unickpt.format.manifest import DATA_DIR
 from unickpt.layout.state import collect_for_save
 from unickpt.storage import LocalStorage, Writer
 from unickpt.storage.local import BUFFERED_WRITE_BYTES
@@ -156,11 +156,9 @@ def test_busy_policy_skip_and_wait(ckpt_root: str, caplog: pytest.LogCaptureFixt
         unickpt.verify(f"{ckpt_root}/{name}")
 
 
+@pytest.mark.usefixtures("unwritable_data_files")
 def test_background_failure_surfaces_on_wait(ckpt_root: str) -> None:
     path = f"{ckpt_root}/broken"
-    os.makedirs(path)
-    with open(f"{path}/data", "w") as f:  # data/ cannot be created: writing fails
-        f.write("not a directory")
     handle = unickpt.save(path, {"w": torch.ones(10)}, mode="async")
     with pytest.raises(unickpt.StorageError, match="nothing was committed"):
         handle.wait()
@@ -654,12 +652,10 @@ def test_a_child_forked_during_a_background_save_saves_and_steps(ckpt_root: str)
     unickpt.verify(storage.root)
 
 
+@pytest.mark.usefixtures("unwritable_data_files")
 def test_a_failed_background_save_lets_the_state_go(ckpt_root: str) -> None:
     def failed_save() -> weakref.ref[torch.nn.Module]:
         model = torch.nn.Linear(256, 256)
-        os.makedirs(f"{ckpt_root}/broken")
-        with open(f"{ckpt_root}/broken/data", "w") as f:  # data/ cannot be created
-            f.write("not a directory")
         handle = unickpt.save(f"{ckpt_root}/broken", {"model": model}, mode="lazy")
         with pytest.raises(unickpt.StorageError):
             handle.wait()

@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 import struct
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -626,11 +627,8 @@ def test_every_error_is_a_checkpoint_error() -> None:
 # --------------------------------------------------------------------------- storage failures
 
 
-def test_unwritable_data_directory(ckpt: str, ckpt_root: str) -> None:
+def test_unwritable_data_directory(ckpt: str, ckpt_root: str, unwritable_data_files: None) -> None:
     path = os.path.join(ckpt_root, "step_13")
-    os.makedirs(path)
-    with open(os.path.join(path, "data"), "w") as f:  # data/ cannot be created
-        f.write("not a directory")
     with pytest.raises(unickpt.StorageError, match="nothing was committed") as exc:
         unickpt.save(path, state(), step=13)
     created = (
@@ -741,3 +739,75 @@ def test_ranks_loading_different_checkpoints_or_failing_write_nothing(ckpt_root:
     assert mismatched[1][0].startswith("StateMismatchError: ") and "b: shape" in mismatched[1][0]
     assert mismatched[0][0].startswith("CheckpointError: load failed on rank 1: StateMismatchError")
     assert [untouched for _, untouched in mismatched] == ["True", "True"]
+
+
+def _save_per_rank(rank: int, world_size: int, paths: list[str], mode: str) -> str:
+    try:
+        handle = unickpt.save(paths[rank], {"w": torch.full((4,), float(rank))}, mode=mode)
+        if isinstance(handle, unickpt.SaveHandle):
+            handle.wait()
+    except unickpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.mark.parametrize("mode", ["sync", "lazy"])
+def test_ranks_saving_to_different_paths_fail_together(ckpt_root: str, mode: str) -> None:
+    """A path computed per rank (a timestamp, an off-by-one step) would commit a checkpoint
+    whose files are in two places: every rank fails, naming both, and nothing is committed."""
+    paths = [f"{ckpt_root}/run-120000", f"{ckpt_root}/run-120001"]
+    messages = run_distributed(2, _save_per_rank, paths, mode)
+    for rank, message in enumerate(messages):
+        assert message.startswith("InvalidStateError: ranks disagree on the save"), message
+        assert f"rank {1 - rank} to {paths[1 - rank]}" in message, message
+    for path in paths:
+        assert not os.path.exists(f"{path}/manifest.json")
+        assert not [f for _, _, files in os.walk(path) for f in files], f"{path}: files left"
+
+
+def _background_save_on_rank_0_only(rank: int, world_size: int, path: str) -> str:
+    if rank == 1:  # never saves; reaches the harness's final barrier after rank 0's failure (at
+        time.sleep(7)  # the 4 s timeout) and within 4 s of it
+        return ""
+    started = time.monotonic()
+    try:
+        unickpt.save(path, {"w": torch.ones(4)}, mode="lazy").wait()
+    except unickpt.CollectiveError as exc:
+        return f"{time.monotonic() - started:.1f}s {exc}"
+    return "no error"
+
+
+def test_a_save_on_one_rank_fails_at_the_process_groups_timeout(ckpt_root: str) -> None:
+    """Not torch's 30 minutes of new_group: the timeout the caller gave its process group."""
+    (message,) = run_distributed(
+        2, _background_save_on_rank_0_only, f"{ckpt_root}/one", pg_timeout=4, timeout=60
+    )[:1]
+    seconds, _, text = message.partition(" ")
+    assert float(seconds.rstrip("s")) < 10, message
+    assert "every rank must make the same save/load call" in text.lower(), message
+
+
+def test_a_tensor_resized_during_a_lazy_save_is_named(ckpt_root: str) -> None:
+    w = torch.ones(12)
+    handle = unickpt.save(f"{ckpt_root}/resized", {"w": w}, mode="lazy")
+    w.resize_(10)
+    with pytest.raises(unickpt.StateChangedError, match="w"):
+        handle.wait()
+
+
+@pytest.mark.parametrize("metadata", [["loss", 0.5], "run-1", 3])
+def test_user_metadata_that_is_no_dict_is_refused_before_writing(
+    ckpt_root: str, metadata: Any
+) -> None:
+    with pytest.raises(unickpt.InvalidStateError, match="user_metadata must be a dict"):
+        unickpt.save(f"{ckpt_root}/meta", {"w": torch.ones(4)}, user_metadata=metadata)
+    assert not os.path.exists(f"{ckpt_root}/meta/data")
+
+
+def test_world_size_without_a_process_group_warns(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun without init_process_group: every process would save the whole state alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="no torch.distributed process group"):
+        unickpt.save(f"{ckpt_root}/alone", {"w": torch.ones(4)})

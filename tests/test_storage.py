@@ -90,6 +90,18 @@ def test_put_atomic_replaces_whole(storage: Storage) -> None:
     assert storage.read("m.json") == b"new content"
 
 
+def test_put_atomic_without_replace_keeps_what_is_there(storage: Storage) -> None:
+    """Of two writers publishing one path (two saves committing one checkpoint), exactly one
+    wins, and the loser is told; its temporaries are gone."""
+    storage.put_atomic("manifest.json", b"first", replace=False)
+    with pytest.raises(unickpt.CheckpointExistsError, match=r"manifest\.json already exists"):
+        storage.put_atomic("manifest.json", b"second", replace=False)
+    assert storage.read("manifest.json") == b"first"
+    assert storage.list() == ["manifest.json"]
+    storage.put_atomic("manifest.json", b"third")  # replace=True (the default) still replaces
+    assert storage.read("manifest.json") == b"third"
+
+
 def test_put_atomic_removes_what_a_killed_put_left(tmp_path: os.PathLike[str]) -> None:
     """A kill between a put's temporary and its rename leaves the temporary (the manager's
     ``latest`` at a tier's root, which no sweep looks at): the next put of that path removes

@@ -51,5 +51,10 @@ class StorageError(CheckpointError):
     """The storage backend failed (disk full, permission denied, unreachable store)."""
 
 
+class CollectiveError(CheckpointError):
+    """A collective of a save or load failed or timed out: a peer did not make the same call
+    (another path, mode or step, or no call at all), failed before it, or died."""
+
+
 class ConversionError(CheckpointError):
     """A conversion spec is invalid, or a source checkpoint does not fit it (docs/CONVERT.md)."""

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from unickpt.engine.buffers import mapped_empty
-from unickpt.engine.comm import Comm
+from unickpt.engine.comm import Comm, new_gloo_group
 from unickpt.engine.jobs import JobChain
 from unickpt.engine.result import SaveResult
 from unickpt.errors import CheckpointError
@@ -180,7 +180,7 @@ def _ensure_group() -> None:
     if dist.is_available() and dist.is_initialized():
         world = dist.group.WORLD
         if _group is None or _group[0] is not world:
-            _group = (world, dist.new_group(backend="gloo"))
+            _group = (world, new_gloo_group())
 
 
 def admit(policy: BusyPolicy, comm: Comm) -> bool:

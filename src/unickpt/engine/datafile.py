@@ -22,9 +22,17 @@ from typing import Any
 import torch
 
 from unickpt.engine.buffers import byte_view, tensor_bytes
+from unickpt.errors import CheckpointError, CheckpointExistsError, StateChangedError
 from unickpt.format.checksum import Checksummer
 from unickpt.format.dtypes import itemsize
-from unickpt.format.manifest import FORMAT_NAME, FORMAT_VERSION
+from unickpt.format.manifest import (
+    DATA_DIR,
+    DATA_SUFFIX,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    written_by_a_save,
+)
 from unickpt.format.safetensors_file import FileEntry, encode_header
 from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
@@ -33,13 +41,30 @@ from unickpt.plan.save_plan import SavePlan
 from unickpt.storage import LocalStorage, Storage, Writer
 from unickpt.storage.local import BUFFERED_WRITE_BYTES, DIRECT_ALIGN
 
-DATA_DIR = "data"
 DATA_ALIGN = DIRECT_ALIGN  # data sections start here, so images can be written with direct I/O
 WRITE_STREAMS = 2  # concurrent files per rank: disks here sustain ~1.5-2x more with two
 STREAM_MIN_BYTES = 64 * 1024 * 1024  # below this, a second stream is only another file
 # Staged images go to storage in pieces of this size (aligned, so local storage writes them with
 # direct I/O), each checksummed just before it is written.
 IMAGE_WRITE_BYTES = 8 * 1024 * 1024
+
+
+def check_target(storage: Storage) -> None:
+    """Refuse a save's target that holds a committed checkpoint, or anything a save did not
+    write there (a run directory, the working directory, a bucket's root, given by mistake):
+    a checkpoint's directory is unickpt's, and a save deletes its own leftovers in it."""
+    names = storage.list()
+    if MANIFEST in names:
+        raise CheckpointExistsError(
+            f"{storage.url} already holds a committed checkpoint; save to a new path"
+        )
+    foreign = [name for name in names if not written_by_a_save(name)]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise CheckpointError(
+            f"{storage.url} holds files that no unickpt save wrote ({', '.join(foreign[:3])}"
+            f"{more}); save into a new or empty directory"
+        )
 
 
 def shard_key(key: str, box: Box) -> str:
@@ -74,7 +99,7 @@ class FileLayout:
         return len(self.header) + self.data_bytes
 
     def name(self, rank: int, uid: str) -> str:
-        return f"{DATA_DIR}/r{rank:05d}-{uid}-{self.stream}.safetensors"
+        return f"{DATA_DIR}/r{rank:05d}-{uid}-{self.stream}{DATA_SUFFIX}"
 
     def records(self, file: str, checksums: list[str]) -> list[dict[str, Any]]:
         """The chunk records rank 0 turns into manifest entries."""
@@ -184,7 +209,8 @@ def stage_file(layout: FileLayout, view: SaveView, image: torch.Tensor, *, all_c
                     target.copy_(source)
                     continue
                 source = source.contiguous().cpu()  # rare: a misaligned slot for a strided box
-            assert source.numel() * source.element_size() == nbytes
+            if source.numel() * source.element_size() != nbytes:  # never copy past its end
+                raise StateChangedError(f"{chunk.key!r} changed size since the save was called")
             if all_cores:
                 image[begin : begin + nbytes].copy_(source.reshape(-1).view(torch.uint8))
             else:

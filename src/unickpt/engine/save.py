@@ -29,7 +29,14 @@ import xxhash
 
 from unickpt.engine import background
 from unickpt.engine.comm import Comm
-from unickpt.engine.datafile import FileLayout, file_layouts, stage_file, stream_file, write_image
+from unickpt.engine.datafile import (
+    FileLayout,
+    check_target,
+    file_layouts,
+    stage_file,
+    stream_file,
+    write_image,
+)
 from unickpt.engine.devices import DeviceWork
 from unickpt.engine.result import SaveResult
 from unickpt.errors import (
@@ -42,15 +49,15 @@ from unickpt.errors import (
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
     INFLIGHT,
-    MANIFEST,
     Chunk,
     Manifest,
     TensorMeta,
     commit_manifest,
+    written_by_a_save,
 )
 from unickpt.layout.box import Box
 from unickpt.layout.sharded import LocalShard
-from unickpt.layout.state import SaveView, collect_for_save, plain_metadata, plain_step
+from unickpt.layout.state import SaveView, collect_for_save, plain_step, plain_user_metadata
 from unickpt.plan.save_plan import PlanCache, SavePlan, ShardMeta, build_save_plan, layout_digest
 from unickpt.storage import RateLimit, Storage, as_rate_limit, open_storage, rate_limited
 from unickpt.telemetry import PhaseTimer
@@ -236,7 +243,7 @@ def prepare_save(
     try:  # an error is carried to the first collective, like the state's own
         if step is not None:
             step = plain_step(step)
-        user_metadata = plain_metadata(user_metadata or {}, "user_metadata")
+        user_metadata = plain_user_metadata(user_metadata)
     except InvalidStateError as exc:
         collected.error = collected.error or exc
     return PreparedSave(
@@ -256,11 +263,7 @@ def _claim(prepared: PreparedSave, rank: int) -> None:
         return
     with prepared.timer("claim"):
         try:
-            if prepared.storage.exists(MANIFEST):
-                raise CheckpointExistsError(
-                    f"{prepared.storage.url} already holds a committed checkpoint; "
-                    "save to a new path"
-                )
+            check_target(prepared.storage)
             if rank == 0:
                 mark_inflight(prepared.storage)
         except Exception as exc:
@@ -430,7 +433,11 @@ def _save(
                         stage_file(layout, prepared.view, image, all_cores=mode == "async")
                     _check_unchanged(prepared)
                     planned.images = images
-                except Exception as exc:
+                except Exception:
+                    try:  # a state changed under the copy (resized, say) explains any failure
+                        _check_unchanged(prepared)
+                    except StateChangedError as changed:
+                        exc = changed
                     planned.error = exc
             staged.append(planned)
 
@@ -481,15 +488,27 @@ def mark_inflight(storage: Storage) -> None:
     storage.put_atomic(INFLIGHT, json.dumps(marker).encode())
 
 
+def _target(prepared: PreparedSave) -> list[Any]:
+    """What every rank's save must agree on: the path (on node-local storage, whose root each
+    node has its own copy of, only the checkpoint's name under it) and the step."""
+    storage = prepared.storage
+    where = storage.url.rstrip("/").rsplit("/", 1)[-1] if storage.node_local else storage.url
+    return [where, prepared.step]
+
+
 def _plan(prepared: _Collected, comm: Comm) -> _Planned:
     """The first collective (layout digests, the save id, every rank's local error, the plans
     each rank has cached), then the plan: the cached one if every rank holds it, else one built
     from every rank's shards. Ranks must agree, since building it takes a second collective;
-    their caches can differ (a reservation filling one in the background, evictions)."""
+    their caches can differ (a reservation filling one in the background, evictions). Saves
+    check that every rank saves to the same path, the same step: each would otherwise commit a
+    piece of one checkpoint, in two places."""
     with prepared.timer("plan"):
         error = prepared.error
         cached = _PLANS.snapshot()
+        target = _target(prepared) if isinstance(prepared, PreparedSave) else []
         hello = {
+            "target": target,
             "digest": prepared.digest,
             "uid": uuid.uuid4().hex[:12],
             "error": None if error is None else f"{type(error).__name__}: {error}",
@@ -497,6 +516,13 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
         _raise_first_failure(replies, error, "save")
+        others = [(rank, r["target"]) for rank, r in enumerate(replies) if r["target"] != target]
+        if others:
+            theirs = "; ".join(f"rank {rank} to {t[0]} (step {t[1]})" for rank, t in others)
+            raise InvalidStateError(
+                f"ranks disagree on the save: rank {comm.rank} saves to {target[0]} (step "
+                f"{target[1]}), {theirs}; every rank must pass the same path and step"
+            )
         global_digest = xxhash.xxh3_128_hexdigest("|".join(r["digest"] for r in replies).encode())
         cache_hit = all(global_digest in r["cached"] for r in replies)
         if cache_hit:
@@ -545,6 +571,11 @@ def _commit(
                         comm.world_size,
                     )
                     commit_manifest(storage, manifest)
+                except CheckpointExistsError as exc:  # another writer committed this path first
+                    failed = {"message": str(exc), "exists": True}
+                    with contextlib.suppress(Exception):  # our files are clutter in its checkpoint
+                        for name in (name for r in reports for name in r["files"]):
+                            storage.delete(name)
                 except Exception as exc:
                     failed = {"message": f"{type(exc).__name__}: {exc}", "storage": True}
                 else:
@@ -553,6 +584,11 @@ def _commit(
         failed = json.loads(comm.broadcast_bytes(json.dumps(failed).encode()))
         if planned.error is not None:
             raise planned.error  # this rank's own staging failure, as raised
+        if failed.get("exists"):
+            raise CheckpointExistsError(
+                f"save to {storage.url}: another save committed a checkpoint there first "
+                f"({failed['message']}); it is kept as it is, and this save was not committed"
+            )
         if failed:
             kind = StorageError if failed["storage"] else CheckpointError
             raise kind(f"save to {storage.url} failed, nothing was committed: {failed['message']}")
@@ -619,8 +655,8 @@ def _build_manifest(
 
 
 def tidy(storage: Storage, manifest: Manifest) -> None:
-    """Drop everything the manifest does not reference: the in-flight marker, and whatever a
-    crashed earlier save to this path left behind (data files, temporary files)."""
+    """Drop what saves wrote here that the manifest does not reference: the in-flight marker,
+    and what a crashed earlier save to this path left behind (data files, temporaries)."""
     for name in storage.list():
-        if name != MANIFEST and name not in manifest.files:
+        if written_by_a_save(name) and name not in manifest.files:
             storage.delete(name)

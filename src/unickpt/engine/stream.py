@@ -24,16 +24,17 @@ from typing import Any
 import torch
 
 from unickpt.engine.buffers import tensor_bytes
-from unickpt.engine.datafile import DATA_DIR, shard_key
+from unickpt.engine.datafile import check_target, shard_key
 from unickpt.engine.save import mark_inflight, tidy
-from unickpt.errors import CheckpointError, CheckpointExistsError
+from unickpt.errors import CheckpointError
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import dtype_name, itemsize
 from unickpt.format.manifest import (
+    DATA_DIR,
+    DATA_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
     INFLIGHT,
-    MANIFEST,
     Chunk,
     Manifest,
     TensorMeta,
@@ -41,7 +42,7 @@ from unickpt.format.manifest import (
 )
 from unickpt.format.safetensors_file import FileEntry, encode_header
 from unickpt.layout.box import Box
-from unickpt.layout.state import plain_metadata, plain_step
+from unickpt.layout.state import plain_step, plain_user_metadata
 from unickpt.storage import Storage, Writer, open_storage
 
 FILE_BYTES = 4 << 30  # a new data file after this many bytes: bounded files for object stores
@@ -104,7 +105,7 @@ def _lay_out(
             math.prod(lazy.shape) * itemsize(name),
         )
         if not files or (size + entry.nbytes > file_bytes and size > 0):
-            files.append((f"{DATA_DIR}/r00000-{uid}-{len(files)}.safetensors", []))
+            files.append((f"{DATA_DIR}/r00000-{uid}-{len(files)}{DATA_SUFFIX}", []))
             size = 0
         files[-1][1].append((key, lazy, entry))
         size += entry.nbytes
@@ -169,9 +170,8 @@ def stream_save(
     """
     storage = open_storage(path, storage_options)
     step = None if step is None else plain_step(step)
-    metadata = plain_metadata(dict(user_metadata or {}), "user_metadata")
-    if storage.exists(MANIFEST):
-        raise CheckpointExistsError(f"a committed checkpoint already exists at {storage.url}")
+    metadata = plain_user_metadata(user_metadata)
+    check_target(storage)
     keys = [key for key, _ in tensors]
     if len(set(keys)) != len(keys):
         duplicates = sorted({k for k in keys if keys.count(k) > 1})

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unickpt.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
@@ -18,12 +19,14 @@ from unickpt.errors import (
 from unickpt.format.dtypes import is_known, itemsize
 from unickpt.format.untrusted import parse_json, read_json
 from unickpt.layout.box import Box, tiling_problem
-from unickpt.storage.base import Storage, check_relative_path
+from unickpt.storage.base import TEMP_INFIX, Storage, check_relative_path
 
 FORMAT_NAME = "unickpt"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INFLIGHT = "_inflight.json"  # present while a save is running (see docs/FORMAT.md, "gc")
+DATA_DIR = "data"
+DATA_SUFFIX = ".safetensors"
 MAX_MANIFEST_BYTES = 1 << 30
 # The RNG states a CheckpointManager saved, one row per rank: a key reserved for unickpt, which a
 # strict load does not ask the state to name (docs/FORMAT.md, "Keys").
@@ -234,6 +237,21 @@ class _Parser:
         )
 
 
+def written_by_a_save(path: str) -> bool:
+    """Whether ``path`` (inside a checkpoint's directory) is where a save writes: its in-flight
+    marker or the temporary of it or of the manifest, or a data file (or the temporary of one)
+    in ``data/``. Nothing else there is a save's to delete, nor a sign that the directory is a
+    checkpoint (an HF export's ``model.safetensors.tmp-*`` is not)."""
+    top, _, rest = path.partition("/")
+    if not rest:
+        return path == INFLIGHT or path.startswith(
+            (f"{INFLIGHT}{TEMP_INFIX}", f"{MANIFEST}{TEMP_INFIX}")
+        )
+    return (
+        top == DATA_DIR and "/" not in rest and (rest.endswith(DATA_SUFFIX) or TEMP_INFIX in rest)
+    )
+
+
 def read_manifest(storage: Storage) -> Manifest:
     """The committed manifest of the checkpoint rooted at ``storage``.
 
@@ -249,6 +267,13 @@ def read_manifest(storage: Storage) -> Manifest:
                 raise CheckpointNotFoundError(
                     f"{storage.url} is not a checkpoint but holds checkpoints: "
                     f"{', '.join(held[:3])}{more}; name one of them"
+                )
+            names = storage.list()
+            if names and not any(written_by_a_save(name) for name in names):
+                raise CheckpointNotFoundError(
+                    f"{storage.url} is not a unickpt checkpoint: it has no {MANIFEST}, nor "
+                    f"anything a save writes (it holds {', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''})"
                 )
             raise IncompleteCheckpointError(
                 f"checkpoint {storage.url} is incomplete: it has no committed {MANIFEST} "
@@ -266,12 +291,16 @@ def read_manifest(storage: Storage) -> Manifest:
 def commit_manifest(storage: Storage, manifest: Manifest) -> None:
     """Publish the manifest atomically: from this instant the checkpoint exists.
 
-    For a checkpoint that had none (every writer checks first). Publishing can fail after the
-    manifest became visible (a directory fsync after the rename, a lost response to the PUT):
-    it is then taken back, best effort, so that a failed commit stays invisible.
+    Never over another one: of two writers racing to commit one path (two jobs, or processes
+    that each took themselves for a world of one), the second gets CheckpointExistsError and
+    the first's checkpoint stays whole. Publishing can fail after the manifest became visible
+    (a directory fsync after the rename, a lost response to the PUT): it is then taken back,
+    best effort, so that a failed commit stays invisible.
     """
     try:
-        storage.put_atomic(MANIFEST, manifest.to_json().encode())
+        storage.put_atomic(MANIFEST, manifest.to_json().encode(), replace=False)
+    except CheckpointExistsError:
+        raise
     except BaseException:
         with contextlib.suppress(Exception):
             storage.delete(MANIFEST)

@@ -13,7 +13,7 @@ import itertools
 import json
 import operator
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -99,6 +99,17 @@ def plain_metadata(value: Any, where: str) -> Any:
         f"{where} is a {type(value).__name__}, which has no JSON form; use numbers (0-d "
         "tensors and numpy scalars are taken as theirs), strings, lists and dicts"
     )
+
+
+def plain_user_metadata(value: Any) -> dict[str, Any]:
+    """A save's ``user_metadata`` (None: none) as a JSON object, by :func:`plain_metadata`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidStateError(
+            f"user_metadata must be a dict of JSON values, not a {type(value).__name__}"
+        )
+    return dict(plain_metadata(dict(value), "user_metadata"))
 
 
 def _non_str_keys(value: object) -> list[object]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from unickpt.engine.comm import Comm
 from unickpt.engine.save import mark_inflight, tidy
-from unickpt.errors import CorruptCheckpointError, StorageError
+from unickpt.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 from unickpt.format.manifest import INFLIGHT, MANIFEST, Manifest
 from unickpt.storage import RateLimit, Storage, rate_limited
 
@@ -178,7 +178,9 @@ def drain(
         try:
             if errors:
                 raise StorageError("; ".join(dict.fromkeys(errors)))
-            target.put_atomic(MANIFEST, text)
+            target.put_atomic(MANIFEST, text, replace=False)
+        except CheckpointExistsError as exc:  # another writer's checkpoint: not ours to delete
+            outcome = str(exc)
         except Exception as exc:
             outcome = str(exc) if isinstance(exc, StorageError) else _describe(exc)
             with contextlib.suppress(Exception):  # best effort: gc takes what is left

@@ -24,7 +24,7 @@ from unickpt.engine.background import (
     before_update,
     release_staging_memory,
 )
-from unickpt.engine.comm import Comm
+from unickpt.engine.comm import Comm, new_gloo_group
 from unickpt.engine.jobs import JobChain
 from unickpt.engine.load import load
 from unickpt.engine.result import SaveResult
@@ -426,7 +426,7 @@ class CheckpointManager:
         """(Re)create the drains' process group: at construction, and at the first save after
         :meth:`close` — points every rank reaches in the same order."""
         if self._group is None and len(self.tiers) > 1 and self._comm.world_size > 1:
-            self._group = dist.new_group(backend="gloo")
+            self._group = new_gloo_group()
             self._drain_comm = Comm(self._group)
 
     def _submit(self, name: str, handle: SaveHandle | None, *, source: int) -> None:

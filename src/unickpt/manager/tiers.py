@@ -115,4 +115,7 @@ def parse_tiers(
         _shared_root()
         memory = os.path.join(SHM_ROOT, _run_id(durable))
     memory = os.path.abspath(memory)
-    return [Tier(f"{_MEMORY_URL}{memory}", memory, LocalStorage(memory), memory=True), *durable]
+    return [
+        Tier(f"{_MEMORY_URL}{memory}", memory, LocalStorage(memory, node_local=True), memory=True),
+        *durable,
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,9 @@ __all__ = [
 ]
 
 
-def open_storage(url: str | Storage, storage_options: Mapping[str, Any] | None = None) -> Storage:
+def open_storage(
+    url: str | os.PathLike[str] | Storage, storage_options: Mapping[str, Any] | None = None
+) -> Storage:
     """The storage rooted at ``url``: a local path, ``file://PATH``, ``memory://NAME/PREFIX`` or
     ``s3://BUCKET/PREFIX``. ``storage_options`` configure the S3 backend (endpoint, credentials,
     part size...; see :mod:`unickpt.storage.s3`); other backends take none."""
@@ -42,7 +45,12 @@ def open_storage(url: str | Storage, storage_options: Mapping[str, Any] | None =
         if storage_options:
             raise StorageError("storage_options apply to a URL, not to an already open Storage")
         return url
-    url = str(url)
+    if not isinstance(url, str | os.PathLike) or isinstance(os.fspath(url), bytes):
+        # str() would make a directory named "None" or "b'/tmp/x'" of a mistake
+        raise TypeError(f"a checkpoint path is a str, os.PathLike or Storage, not {url!r}")
+    url = os.fspath(url)
+    if not url:
+        raise ValueError("empty checkpoint path (an unset variable?); name a directory")
     if url.startswith("s3://"):
         return S3Storage(url, storage_options)
     if storage_options:

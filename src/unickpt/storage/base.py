@@ -23,6 +23,9 @@ from unickpt.errors import (
     UnsafeCheckpointError,
 )
 
+# A local file is written as <name><TEMP_INFIX><random>, then renamed to <name> once durable.
+TEMP_INFIX = ".tmp-"
+
 
 def check_relative_path(path: str) -> str:
     """``path`` if it is a safe relative POSIX path inside the root; raises otherwise."""
@@ -162,9 +165,14 @@ class Reader(abc.ABC):
 
 
 class Storage(abc.ABC):
-    """A rooted namespace of files. ``url`` names the root in messages."""
+    """A rooted namespace of files. ``url`` names the root in messages.
+
+    ``node_local``: every node has its own copy of this root (a memory tier's tmpfs directory),
+    so ranks on different nodes write to different places under the same name.
+    """
 
     url: str
+    node_local: bool = False
 
     @abc.abstractmethod
     def open_writer(self, path: str) -> Writer:
@@ -174,8 +182,12 @@ class Storage(abc.ABC):
     def open_reader(self, path: str) -> Reader: ...
 
     @abc.abstractmethod
-    def put_atomic(self, path: str, data: bytes) -> None:
-        """Publish a small object at once: readers see the old content or the new, never a mix."""
+    def put_atomic(self, path: str, data: bytes, *, replace: bool = True) -> None:
+        """Publish a small object at once: readers see the old content or the new, never a mix.
+
+        With ``replace=False`` an existing ``path`` is kept and CheckpointExistsError raised,
+        so that of writers racing to publish one path exactly one wins.
+        """
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool: ...

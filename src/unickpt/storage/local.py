@@ -13,8 +13,20 @@ import shutil
 import stat
 import uuid
 
-from unickpt.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
-from unickpt.storage.base import Reader, Storage, Writer, check_relative_path, require_range
+from unickpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+from unickpt.storage.base import (
+    TEMP_INFIX,
+    Reader,
+    Storage,
+    Writer,
+    check_relative_path,
+    require_range,
+)
 
 
 def _storage_error(action: str, where: str, exc: OSError) -> StorageError:
@@ -94,13 +106,14 @@ def _page_aligned(view: memoryview) -> bool:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
 
 
-# A file is written as <name><TEMP_INFIX><random>, then renamed to <name> once durable.
-TEMP_INFIX = ".tmp-"
+# What link(2) fails with where a filesystem has no hard links (FAT, some FUSE and SMB mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
 class _LocalWriter(Writer):
-    def __init__(self, final: str, where: str, *, direct_io: bool) -> None:
+    def __init__(self, final: str, where: str, *, direct_io: bool, replace: bool = True) -> None:
         self._final = final
+        self._replace = replace
         self._tmp = f"{final}{TEMP_INFIX}{uuid.uuid4().hex[:12]}"
         self._where = where
         self._position = 0
@@ -165,11 +178,33 @@ class _LocalWriter(Writer):
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self._tmp, self._final)
+            if self._replace:
+                os.replace(self._tmp, self._final)
+            else:
+                self._publish_new()
             fsync_dir(os.path.dirname(self._final))
+        except CheckpointExistsError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise _storage_error("commit", self._where, exc) from exc
+
+    def _publish_new(self) -> None:
+        """Give the file its name unless that name exists: a hard link is created atomically or
+        not at all. Filesystems without hard links get a check before the rename (racy)."""
+        try:
+            os.link(self._tmp, self._final)
+        except FileExistsError:
+            raise CheckpointExistsError(f"{self._where} already exists") from None
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            if os.path.lexists(self._final):
+                raise CheckpointExistsError(f"{self._where} already exists") from None
+            os.rename(self._tmp, self._final)
+        else:
+            os.unlink(self._tmp)
 
     def abort(self) -> None:
         if self._fd is not None:
@@ -228,11 +263,14 @@ class _LocalReader(Reader):
 class LocalStorage(Storage):
     """Files under a directory. Paths resolving outside it (``..``, symlinks) are refused."""
 
-    def __init__(self, root: str, *, direct_io: bool | None = None) -> None:
+    def __init__(
+        self, root: str, *, direct_io: bool | None = None, node_local: bool = False
+    ) -> None:
         """``direct_io``: write large page-aligned buffers around the page cache (O_DIRECT);
         None (default) does so on the filesystems of ``DIRECT_FILESYSTEMS`` only."""
         self.root = os.path.abspath(root)
         self.url = self.root
+        self.node_local = node_local
         self._direct_io = direct_io
 
     @property
@@ -261,13 +299,14 @@ class LocalStorage(Storage):
     def open_reader(self, path: str) -> Reader:
         return _LocalReader(self._resolve(path), self.describe(path))
 
-    def put_atomic(self, path: str, data: bytes) -> None:
+    def put_atomic(self, path: str, data: bytes, *, replace: bool = True) -> None:
         # Every path put this way has one writer (rank 0), so temporaries of it are left by
         # earlier puts killed before their rename: nothing else would ever remove them.
         for stale in glob.glob(glob.escape(self._resolve(path)) + TEMP_INFIX + "*"):
             with contextlib.suppress(OSError):
                 os.unlink(stale)
-        with self.open_writer(path) as writer:
+        where = self.describe(path)
+        with _LocalWriter(self._resolve(path), where, direct_io=False, replace=replace) as writer:
             writer.write(data)
 
     def exists(self, path: str) -> bool:
@@ -330,7 +369,9 @@ class LocalStorage(Storage):
         return True
 
     def child(self, prefix: str) -> LocalStorage:
-        return LocalStorage(self._resolve(prefix), direct_io=self._direct_io)
+        return LocalStorage(
+            self._resolve(prefix), direct_io=self._direct_io, node_local=self.node_local
+        )
 
     def ensure_root(self) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import threading
 
-from unickpt.errors import CorruptCheckpointError
+from unickpt.errors import CheckpointExistsError, CorruptCheckpointError
 from unickpt.storage.base import Reader, Storage, Writer, check_relative_path, require_range
 
 _NAMESPACES: dict[str, dict[str, bytes]] = {}
@@ -73,9 +73,12 @@ class MemoryStorage(Storage):
             raise CorruptCheckpointError(f"data file {self.describe(path)} is missing")
         return _MemoryReader(data, self.describe(path))
 
-    def put_atomic(self, path: str, data: bytes) -> None:
+    def put_atomic(self, path: str, data: bytes, *, replace: bool = True) -> None:
+        key = self._key(path)
         with _LOCK:
-            self._files[self._key(path)] = bytes(data)
+            if not replace and key in self._files:
+                raise CheckpointExistsError(f"{self.describe(path)} already exists")
+            self._files[key] = bytes(data)
 
     def exists(self, path: str) -> bool:
         with _LOCK:

@@ -41,7 +41,12 @@ from dataclasses import dataclass, fields
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
-from unickpt.errors import CheckpointError, CorruptCheckpointError, StorageError
+from unickpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from unickpt.storage.base import Reader, Storage, Writer, check_relative_path, require_range
 
 log = logging.getLogger("unickpt")
@@ -715,14 +720,39 @@ class S3Storage(Storage):
     def open_reader(self, path: str) -> Reader:
         return _S3Reader(self._shared, self._key(path), self.describe(path))
 
-    def put_atomic(self, path: str, data: bytes) -> None:
-        shared, key = self._shared, self._key(path)
+    def put_atomic(self, path: str, data: bytes, *, replace: bool = True) -> None:
+        shared, key, where = self._shared, self._key(path), self.describe(path)
         body = data if isinstance(data, bytes | bytearray) else bytes(data)
-        shared.transfer(
-            "upload",
-            self.describe(path),
-            lambda: shared.client.put_object(Bucket=shared.bucket, Key=key, Body=body),
-        )
+
+        def put() -> None:
+            if replace:
+                shared.client.put_object(Bucket=shared.bucket, Key=key, Body=body)
+                return
+            try:  # a conditional write: the store refuses it if the key exists
+                shared.client.put_object(Bucket=shared.bucket, Key=key, Body=body, IfNoneMatch="*")
+            except Exception as exc:
+                code, status = _error_code(exc)
+                if code in _UNSUPPORTED_CODES or status in (501, 405):  # check first (racy)
+                    if _head(shared, key, where) is not None:
+                        raise CheckpointExistsError(f"{where} already exists") from exc
+                    shared.client.put_object(Bucket=shared.bucket, Key=key, Body=body)
+                elif status == 409:  # another conditional write of the key is in progress
+                    raise CheckpointExistsError(f"{where} is being written by another") from exc
+                elif status == 412 and not self._holds(key, body):  # a retry finds its own put
+                    raise CheckpointExistsError(f"{where} already exists") from exc
+                elif status != 412:
+                    raise
+
+        shared.transfer("upload", where, put)
+
+    def _holds(self, key: str, body: bytes | bytearray) -> bool:
+        """Whether the object at ``key`` is ``body``: a put whose response was lost, retried."""
+        shared = self._shared
+        with contextlib.suppress(Exception):
+            response = shared.client.get_object(Bucket=shared.bucket, Key=key)
+            with contextlib.closing(response["Body"]) as stored:
+                return bool(stored.read() == body)
+        return False
 
     def read(self, path: str) -> bytes:
         shared, key, where = self._shared, self._key(path), self.describe(path)

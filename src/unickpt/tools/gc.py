@@ -16,16 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from unickpt.engine.datafile import DATA_DIR
-from unickpt.errors import CheckpointError
-from unickpt.format.manifest import INFLIGHT, MANIFEST
+from unickpt.errors import CheckpointError, CheckpointNotFoundError
+from unickpt.format.manifest import INFLIGHT, MANIFEST, written_by_a_save
 from unickpt.format.untrusted import read_json
-from unickpt.storage import Storage, open_storage
-from unickpt.storage.local import TEMP_INFIX
+from unickpt.storage import LocalStorage, Storage, open_storage
 
 log = logging.getLogger("unickpt")
 
-DATA_SUFFIX = ".safetensors"
 # A marker unickpt writes is about 100 bytes; reading a huge one would only exhaust memory.
 MAX_MARKER_BYTES = 64 * 1024
 # The largest C pid_t. Larger ids overflow os.kill; 0 and negative ones address process groups
@@ -139,17 +136,6 @@ def _in_progress(sub: Storage, min_age: float) -> str | None:
         )
 
 
-def _written_by_a_save(path: str) -> bool:
-    """Whether ``path`` (inside a directory) is where a save writes: its in-flight marker, a
-    temporary file at the top, or a data file (or the temporary of one) in ``data/``."""
-    top, _, rest = path.partition("/")
-    if not rest:
-        return path == INFLIGHT or TEMP_INFIX in path
-    return (
-        top == DATA_DIR and "/" not in rest and (rest.endswith(DATA_SUFFIX) or TEMP_INFIX in rest)
-    )
-
-
 def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEntry | None:
     """Delete the directory ``name`` if it is an abandoned checkpoint; None if not one at all."""
     sub = storage.child(name)
@@ -162,16 +148,24 @@ def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEn
         if dry_run:
             return GcEntry(name, False, "dry run (empty)")
         return GcEntry(name, True, "empty") if storage.remove_if_empty(name) else None
-    if not any(_written_by_a_save(f) for f in files):
+    ours = [f for f in files if written_by_a_save(f)]
+    if not ours:
         return None  # not a checkpoint: leave other people's files alone
     busy = _in_progress(sub, min_age)
     # A saver publishes its manifest before it deletes its marker, so a save that committed
     # since the listing, its marker gone, shows its manifest now.
     if busy is None and sub.exists(MANIFEST):
         return None
-    if busy is None and not dry_run:
-        storage.delete_prefix(name)
-    return GcEntry(name, busy is None and not dry_run, busy or ("dry run" if dry_run else ""))
+    if busy is not None or dry_run:
+        return GcEntry(name, False, busy or "dry run")
+    if len(ours) < len(files):  # files no save wrote, put there since: only the save's go
+        for file in ours:
+            sub.delete(file)
+        return GcEntry(
+            name, False, f"removed the save's files, kept {len(files) - len(ours)} others"
+        )
+    storage.delete_prefix(name)
+    return GcEntry(name, True, "")
 
 
 def collect_garbage(
@@ -194,6 +188,9 @@ def collect_garbage(
     still collected.
     """
     storage = open_storage(root, storage_options)
+    # A typo must not look like a clean run (on object stores an empty prefix is just empty).
+    if isinstance(storage, LocalStorage) and not storage.root_exists():
+        raise CheckpointNotFoundError(f"no directory {storage.url} to collect in")
     out = []
     for name in storage.children():
         try:
