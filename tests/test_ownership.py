@@ -185,3 +185,20 @@ def test_a_directory_that_is_no_checkpoint_is_not_called_incomplete(
 def test_a_path_that_is_no_path_is_refused(path: Any, error: type[Exception]) -> None:
     with pytest.raises(error, match="checkpoint path"):
         unickpt.save(path, state())
+
+
+class _Overtaken(LocalStorage):
+    """Another save commits the path while this one publishes, and this one's publish then fails
+    otherwise than by finding a manifest (its temporary deleted by the other's cleanup)."""
+
+    def put_atomic(self, path: str, data: bytes, *, replace: bool = True) -> None:
+        if path == "manifest.json" and not replace:
+            super().put_atomic(path, b'{"the other save": 1}', replace=False)
+            raise unickpt.StorageError("cannot commit manifest.json: No such file or directory")
+        super().put_atomic(path, data, replace=replace)
+
+
+def test_a_failed_commit_takes_back_only_its_own_manifest(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(unickpt.StorageError, match="nothing was committed"):
+        unickpt.save(_Overtaken(str(tmp_path / "ckpt")), state())
+    assert (tmp_path / "ckpt" / "manifest.json").read_bytes() == b'{"the other save": 1}'

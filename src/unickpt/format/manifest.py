@@ -295,13 +295,16 @@ def commit_manifest(storage: Storage, manifest: Manifest) -> None:
     that each took themselves for a world of one), the second gets CheckpointExistsError and
     the first's checkpoint stays whole. Publishing can fail after the manifest became visible
     (a directory fsync after the rename, a lost response to the PUT): it is then taken back,
-    best effort, so that a failed commit stays invisible.
+    best effort, so that a failed commit stays invisible; but only if the manifest there is
+    this one (it names this save's files), never another writer's.
     """
+    data = manifest.to_json().encode()
     try:
-        storage.put_atomic(MANIFEST, manifest.to_json().encode(), replace=False)
+        storage.put_atomic(MANIFEST, data, replace=False)
     except CheckpointExistsError:
         raise
     except BaseException:
         with contextlib.suppress(Exception):
-            storage.delete(MANIFEST)
+            if storage.read(MANIFEST) == data:
+                storage.delete(MANIFEST)
         raise
