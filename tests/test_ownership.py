@@ -199,6 +199,6 @@ class _Overtaken(LocalStorage):
 
 
 def test_a_failed_commit_takes_back_only_its_own_manifest(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(unickpt.StorageError, match="nothing was committed"):
+    with pytest.raises(unickpt.CheckpointExistsError, match="another save committed"):
         unickpt.save(_Overtaken(str(tmp_path / "ckpt")), state())
     assert (tmp_path / "ckpt" / "manifest.json").read_bytes() == b'{"the other save": 1}'

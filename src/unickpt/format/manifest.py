@@ -303,8 +303,14 @@ def commit_manifest(storage: Storage, manifest: Manifest) -> None:
         storage.put_atomic(MANIFEST, data, replace=False)
     except CheckpointExistsError:
         raise
-    except BaseException:
+    except BaseException as exc:
+        there = None
         with contextlib.suppress(Exception):
-            if storage.read(MANIFEST) == data:
+            there = storage.read(MANIFEST)
+            if there == data:
                 storage.delete(MANIFEST)
+        if there is not None and there != data:  # another save committed meanwhile, and its
+            raise CheckpointExistsError(  # cleanup took our temporary: the race, lost
+                f"{storage.describe(MANIFEST)} already exists"
+            ) from exc
         raise
