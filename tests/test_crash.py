@@ -386,8 +386,8 @@ def test_resave_removes_top_level_leftovers(ckpt_root: str) -> None:
     leftovers = [
         "_inflight.json.tmp-0123456789ab",
         "manifest.json.tmp-0123456789ab",
-        "data/r00000-0123456789ab.safetensors",
-        "data/r00000-0123456789ab.safetensors.tmp-ba9876543210",
+        "data/r00000-0123456789ab-0.safetensors",
+        "data/r00000-0123456789ab-0.safetensors.tmp-ba9876543210",
     ]
     for name in leftovers:
         with open(os.path.join(path, name), "wb") as f:

@@ -811,3 +811,27 @@ def test_world_size_without_a_process_group_warns(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.warns(UserWarning, match="no torch.distributed process group"):
         unickpt.save(f"{ckpt_root}/alone", {"w": torch.ones(4)})
+
+
+def _save_with_step(rank: int, world_size: int, path: str, bad_rank: int) -> str:
+    step = torch.tensor(3.0) if rank == bad_rank else 3  # e.g. optimizer.state[p]["step"]
+    try:
+        unickpt.save(path, {"w": torch.ones(4)}, step=step)  # type: ignore[arg-type]
+    except unickpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "lazy"])
+def test_a_step_that_is_no_int_is_refused(ckpt_root: str, mode: str) -> None:
+    with pytest.raises(unickpt.InvalidStateError, match="step"):
+        handle = unickpt.save(
+            f"{ckpt_root}/s", {"w": torch.ones(4)}, step=torch.tensor(3.0), mode=mode
+        )  # type: ignore[call-overload]
+        handle.wait()
+
+
+def test_a_bad_step_on_one_rank_fails_every_rank(ckpt_root: str) -> None:
+    messages = run_distributed(2, _save_with_step, f"{ckpt_root}/s", 1, pg_timeout=30, timeout=60)
+    assert messages[1].startswith("InvalidStateError"), messages
+    assert messages[0].startswith("CheckpointError: save aborted: rank 1 failed"), messages

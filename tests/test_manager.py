@@ -574,3 +574,18 @@ def test_a_run_restarted_on_other_nodes_saves_its_undrained_step_again(ckpt_root
     state = {"w": torch.zeros(8)}
     unickpt.load(f"{ckpt_root}/disk/step_0000000003", state)
     assert torch.equal(state["w"], torch.full((8,), 30.0))
+
+
+def _tiers_per_rank(rank: int, world_size: int, root: str) -> str:
+    try:  # a durable tier computed per rank (a clock, a cwd): its drains would split checkpoints
+        CheckpointManager([f"memory://{root}/shm/node{rank}", f"{root}/disk-{rank}"])
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def test_ranks_naming_different_durable_tiers_are_refused(ckpt_root: str) -> None:
+    messages = run_distributed(2, _tiers_per_rank, ckpt_root, timeout=60)
+    for rank, message in enumerate(messages):
+        assert message.startswith("ranks disagree on the durable tiers"), message
+        assert f"{ckpt_root}/disk-{1 - rank}" in message, message

@@ -202,3 +202,13 @@ def test_a_failed_commit_takes_back_only_its_own_manifest(tmp_path: pathlib.Path
     with pytest.raises(unickpt.CheckpointExistsError, match="another save committed"):
         unickpt.save(_Overtaken(str(tmp_path / "ckpt")), state())
     assert (tmp_path / "ckpt" / "manifest.json").read_bytes() == b'{"the other save": 1}'
+
+
+def test_gc_leaves_other_safetensors_files_in_a_data_directory_alone(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Only names a save gives its data files (rank, save id, stream) are a save's."""
+    (tmp_path / "dataset" / "data").mkdir(parents=True)
+    (tmp_path / "dataset" / "data" / "train-00000.safetensors").write_bytes(b"not a save's")
+    assert unickpt.collect_garbage(str(tmp_path), min_age=0) == []
+    assert (tmp_path / "dataset" / "data" / "train-00000.safetensors").exists()

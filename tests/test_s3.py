@@ -237,7 +237,7 @@ def test_save_load_verify_inspect_gc(env: dict[str, str], raw: Any) -> None:
         unickpt.save(url, state, step=1)
 
     # gc: an abandoned save (data, no manifest, no in-flight marker) goes, the committed one stays
-    S3Storage(root).put_atomic("step_0/data/r00000-dead.safetensors", b"junk")
+    S3Storage(root).put_atomic("step_0/data/r00000-00000000dead-0.safetensors", b"junk")
     with pytest.raises(unickpt.IncompleteCheckpointError):
         unickpt.inspect(f"{root}/step_0")
     entries = unickpt.collect_garbage(root)
@@ -252,7 +252,7 @@ def test_gc_ages_an_untrusted_marker_by_its_object_time(env: dict[str, str]) -> 
     on S3 too, not for good."""
     root = fresh("gc")
     storage = S3Storage(root)
-    storage.put_atomic("step_3/data/r00000-x.safetensors", b"junk")
+    storage.put_atomic("step_3/data/r00000-000000000003-0.safetensors", b"junk")
     storage.put_atomic("step_3/_inflight.json", b"not json")
     kept = unickpt.collect_garbage(root, min_age=3600)
     assert [(e.name, e.removed) for e in kept] == [("step_3", False)]
@@ -273,7 +273,10 @@ def test_gc_aborts_the_incomplete_uploads_of_a_dead_save(env: dict[str, str], ra
         b'{"host": "gone", "pid": 1, "started": "2020-01-01T00:00:00+00:00"}',
     )
     prefix = storage.prefix
-    for key in ("step_3/data/r00000-x-0.safetensors", "step_30/data/r00000-y-0.safetensors"):
+    for key in (
+        "step_3/data/r00000-000000000003-0.safetensors",
+        "step_30/data/r00000-000000000030-0.safetensors",
+    ):
         upload = raw.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{key}")
         raw.upload_part(
             Bucket=BUCKET,
@@ -287,7 +290,7 @@ def test_gc_aborts_the_incomplete_uploads_of_a_dead_save(env: dict[str, str], ra
     assert {(e.name, e.removed) for e in entries} == {("step_3", True), ("step_30", False)}
     assert pending_uploads(raw, f"{prefix}/step_3/") == []
     assert pending_uploads(raw, f"{prefix}/step_30/") == [
-        f"{prefix}/step_30/data/r00000-y-0.safetensors"
+        f"{prefix}/step_30/data/r00000-000000000030-0.safetensors"
     ]
     storage.delete_prefix("step_30")
     assert pending_uploads(raw, prefix) == []

@@ -246,6 +246,7 @@ def prepare_save(
         user_metadata = plain_user_metadata(user_metadata)
     except InvalidStateError as exc:
         collected.error = collected.error or exc
+        step, user_metadata = None, {}  # the error goes to the first collective, not these
     return PreparedSave(
         **vars(collected),
         storage=storage,

@@ -27,6 +27,8 @@ MANIFEST = "manifest.json"
 INFLIGHT = "_inflight.json"  # present while a save is running (see docs/FORMAT.md, "gc")
 DATA_DIR = "data"
 DATA_SUFFIX = ".safetensors"
+# A data file's name in DATA_DIR (rank, save id, stream; §1 of docs/FORMAT.md), or its temporary.
+_DATA_FILE = re.compile(r"r\d{5,}-[0-9a-f]{12}-\d+\.safetensors(\.tmp-[^/]+)?")
 MAX_MANIFEST_BYTES = 1 << 30
 # The RNG states a CheckpointManager saved, one row per rank: a key reserved for unickpt, which a
 # strict load does not ask the state to name (docs/FORMAT.md, "Keys").
@@ -247,9 +249,7 @@ def written_by_a_save(path: str) -> bool:
         return path == INFLIGHT or path.startswith(
             (f"{INFLIGHT}{TEMP_INFIX}", f"{MANIFEST}{TEMP_INFIX}")
         )
-    return (
-        top == DATA_DIR and "/" not in rest and (rest.endswith(DATA_SUFFIX) or TEMP_INFIX in rest)
-    )
+    return top == DATA_DIR and _DATA_FILE.fullmatch(rest) is not None
 
 
 def read_manifest(storage: Storage) -> Manifest:

@@ -195,6 +195,8 @@ class CheckpointManager:
         # collective every rank reaches at the same point). One tier needs no collective.
         self._group: dist.ProcessGroup | None = None
         self._drain_comm = Comm()
+        if len(self.tiers) > 1 and self._comm.world_size > 1:
+            self._agree_on_durable_tiers()
         self._ensure_group()
         self._drainer = JobChain("unickpt-drain")
         self._lock = threading.Lock()
@@ -421,6 +423,21 @@ class CheckpointManager:
                         out.append(info.name)
                         break
         return out
+
+    def _agree_on_durable_tiers(self) -> None:
+        """Refuse ranks naming different durable tiers (a path built from a clock, a relative
+        one in different working directories). Saves check their paths, but the memory tier's
+        can only compare names, its root being each node's own; a drain would then commit a
+        checkpoint whose files went to two places."""
+        mine = [tier.storage.url for tier in self.tiers[1:]]
+        votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
+        others = [(rank, v) for rank, v in enumerate(votes) if v != mine]
+        if others:
+            theirs = "; ".join(f"rank {rank}: {v}" for rank, v in others)
+            raise ValueError(
+                f"ranks disagree on the durable tiers: rank {self._comm.rank}: {mine}; {theirs}; "
+                "every rank must name the same ones"
+            )
 
     def _ensure_group(self) -> None:
         """(Re)create the drains' process group: at construction, and at the first save after
