@@ -347,7 +347,8 @@ def save(
 
     Leaves may be tensors, DTensors, :class:`ShardedTensor`s, objects with ``state_dict()``
     (modules, optimizers, schedulers) or JSON values; anything else needs ``allow_pickle=True``.
-    ``path`` must not hold a committed checkpoint already.
+    ``path`` must not hold a committed checkpoint already. JSON values and ``user_metadata``
+    are recorded as rank 0 passes them; other ranks' are not compared.
 
     ``mode="sync"`` returns a :class:`SaveResult` once committed. ``"async"`` copies the state
     into a reused host buffer pool, then returns a :class:`SaveHandle` while writing and commit
