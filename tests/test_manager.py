@@ -118,6 +118,57 @@ def test_restore_skips_a_corrupt_newest_checkpoint(
     assert "trying an older one" in caplog.text
 
 
+def _fail_reads_under(monkeypatch: pytest.MonkeyPatch, directory: str) -> None:
+    """Reads of the data files of checkpoint ``directory`` fail as a dying disk's do (EIO)."""
+    from unickpt.storage import local
+
+    real = local._LocalReader.read_into_many
+
+    def read_into_many(reader: local._LocalReader, offset: int, outs: list[memoryview]) -> None:
+        if reader._where.startswith(os.path.join(directory, "data")):
+            raise local._storage_error("read", reader._where, OSError(5, "Input/output error"))
+        real(reader, offset, outs)
+
+    monkeypatch.setattr(local._LocalReader, "read_into_many", read_into_many)
+
+
+def test_a_storage_error_on_the_newest_checkpoint_fails_restore_instead_of_going_back(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Going back to step 1 made the run save step 2 again, deleting the committed step 2 it
+    # could not read for a moment (audit O: one failed ranged GET on S3).
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+    states = []
+    for step in (1, 2):
+        state = _state(seed=step)
+        manager.maybe_save(step, state)
+        states.append(state)
+    newest = os.path.join(ckpt_root, CheckpointManager.name_for(2))
+    with monkeypatch.context() as patch:
+        _fail_reads_under(patch, newest)
+        with pytest.raises(
+            unickpt.StorageError,
+            match=r"cannot restore step_0000000002 from .*Input/output error.*no older checkpoint",
+        ):
+            CheckpointManager(ckpt_root).restore(_state(seed=9))
+    unickpt.verify(newest)  # untouched
+    restored = _state(seed=9)
+    assert CheckpointManager(ckpt_root).restore(restored) == 2
+    assert torch.equal(restored["model"].weight, states[1]["model"].weight)  # type: ignore[union-attr]
+
+
+def test_a_storage_error_on_one_tier_restores_the_same_step_from_a_slower_one(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiers = [str(tmp_path / "fast"), str(tmp_path / "slow")]
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    _fail_reads_under(monkeypatch, os.path.join(tiers[0], CheckpointManager.name_for(2)))
+    assert CheckpointManager(tiers).restore(_state(seed=9)) == 2
+
+
 def _restore_past_one_ranks_bad_rng_row(rank: int, world_size: int, root: str) -> int | None:
     manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
     state = _state()

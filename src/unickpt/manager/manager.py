@@ -50,14 +50,29 @@ LATEST = "latest"
 # The manager's own checkpoints; anything else under a tier's root is not its to list or delete.
 _NAME = re.compile(r"step_\d{10,}")
 _MAX_RNG_WORDS = 1 << 20  # a row is ~1.3k words (+ 2 per CUDA device); far more is corrupt
-# Failures that make restore try the next candidate; anything else (a state that does not
-# match, a refused pickle) is the caller's to fix and raises.
-_FALL_BACK = (
-    CorruptCheckpointError,
-    IncompleteCheckpointError,
-    CheckpointNotFoundError,
-    StorageError,
-)
+# Failures that make a checkpoint unusable, so restore tries the next candidate (and the run
+# replaces it when it saves its step again). A StorageError says only that its tier cannot be
+# read now: restore tries the same step on a slower tier, never an older one. Anything else
+# (a state that does not match, a refused pickle) is the caller's to fix and raises.
+_UNUSABLE = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointNotFoundError)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Why a restore candidate failed on some ranks, as every rank agreed; empty if it did not."""
+
+    text: str = ""
+    unreachable: bool = False  # only its tier's storage failed: the checkpoint may be fine
+
+    def __bool__(self) -> bool:
+        return bool(self.text)
+
+    @staticmethod
+    def of(failed: builtins.list[tuple[int, dict[str, str]]]) -> _Problem:
+        return _Problem(
+            "; ".join(f"rank {rank}: {vote['error']}" for rank, vote in failed),
+            bool(failed) and all(vote["kind"] == "unreachable" for _, vote in failed),
+        )
 
 
 @dataclass(frozen=True)
@@ -675,19 +690,22 @@ class CheckpointManager:
 
         Candidates are ordered newest step first, the fastest tier first for one step; every
         rank takes the same one. A memory-tier copy counts only if every rank can read all of
-        its files on its own node. A corrupt, incomplete or unreadable candidate is skipped
-        (logged) for the next; ``verify`` checks the checksum of every chunk read, so that
-        corrupt bytes are found too (it reads whole chunks: when resharding, more than the
-        rank needs; ``verify=False`` trusts the storage). The restored checkpoint is then
-        drained to the slower tiers that lack it (a crashed run's undrained snapshot becomes
-        durable).
+        its files on its own node. A corrupt or incomplete candidate is skipped (logged) for
+        the next. One whose tier cannot be read now (a :class:`StorageError`: an endpoint
+        down, retries used up) is tried on the slower tiers that hold its step; if none can
+        give it, restore raises that StorageError rather than resume from an older step, over
+        which the run would then save again. ``verify`` checks the checksum of every chunk
+        read, so that corrupt bytes are found too (it reads whole chunks: when resharding,
+        more than the rank needs; ``verify=False`` trusts the storage). The restored
+        checkpoint is then drained to the slower tiers that lack it (a crashed run's undrained
+        snapshot becomes durable).
         """
         check_state(state)
         self._drainer.wait()  # drain errors stay for wait() to report
         candidates = self._candidates()
         for at, (name, index) in enumerate(candidates):
             tier = self.tiers[index]
-            manifest = self._agree_readable(tier, name)
+            manifest, problem = self._agree_readable(tier, name)
             if manifest is not None:
                 step, error = None, None
                 try:
@@ -702,14 +720,18 @@ class CheckpointManager:
                     if index + 1 < len(self.tiers):
                         self._submit(name, None, source=index)
                     return step
-            else:
-                problem = "not every rank can read all of its files"
             following = candidates[at + 1][0] if at + 1 < len(candidates) else None
+            if problem.unreachable and following != name:
+                raise StorageError(
+                    f"cannot restore {name} from {tier.url} now ({problem.text}); no older "
+                    "checkpoint is restored in its place, as the run would then save its step "
+                    "again over it: try again once the storage can be read"
+                )
             log.warning(
                 "unickpt: cannot restore %s from %s (%s); trying %s",
                 name,
                 tier.url,
-                problem,
+                problem.text,
                 "the same step on a slower tier" if following == name else "an older one",
             )
         self._supersede(candidates, None)
@@ -794,11 +816,11 @@ class CheckpointManager:
                     log.info("unickpt: removed the incomplete %s from %s", name, memory.url)
         return ordered
 
-    def _agree_readable(self, tier: Tier, name: str) -> Manifest | None:
+    def _agree_readable(self, tier: Tier, name: str) -> tuple[Manifest | None, _Problem]:
         """The candidate's manifest if every rank can read it (and, on the memory tier, every
-        file it lists, at its size, on this rank's node); None on every rank otherwise."""
+        file it lists, at its size, on this rank's node); else None and why, on every rank."""
         manifest: Manifest | None = None
-        problem = ""
+        error: Exception | None = None
         try:
             storage = tier.storage.child(name)
             manifest = read_manifest(storage)
@@ -809,32 +831,39 @@ class CheckpointManager:
                             f"{storage.describe(file)} is missing or truncated on this node"
                         )
         except Exception as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        problems = [p for p in self._comm.all_gather_bytes(problem.encode()) if p]
-        if problems:
-            log.info("unickpt: %s on %s is not readable everywhere: %s", name, tier.url, problems)
-            return None
-        return manifest
+            error = exc
+        failed = self._failures(error)
+        if failed:
+            log.info("unickpt: %s on %s is not readable everywhere: %s", name, tier.url, failed)
+            return None, _Problem.of(failed)
+        return manifest, _Problem()
 
-    def _agree_restored(self, name: str, error: Exception | None) -> str:
-        """Every rank's outcome of restoring ``name``, agreed: "" when every rank restored it,
-        else why not, when any rank's failure lets every rank move on to the next candidate
-        (a corrupt or unreadable checkpoint); otherwise every rank raises. Called by every
-        rank whatever its own outcome, so that none returns while a peer still waits."""
-        mine = {
-            "error": None if error is None else f"{type(error).__name__}: {error}",
-            "fall_back": isinstance(error, _FALL_BACK),
-        }
-        votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
-        failed = [(rank, v) for rank, v in enumerate(votes) if v["error"]]
-        if not failed:
-            return ""
-        if any(v["fall_back"] for _, v in failed):
-            return "; ".join(f"rank {rank}: {v['error']}" for rank, v in failed)
+    def _agree_restored(self, name: str, error: Exception | None) -> _Problem:
+        """Every rank's outcome of restoring ``name``, agreed: empty when every rank restored
+        it, else why not, when the failures let every rank move on (an unusable checkpoint, a
+        tier that cannot be read now); otherwise every rank raises. Called by every rank
+        whatever its own outcome, so that none returns while a peer still waits."""
+        failed = self._failures(error)
+        kinds = {vote["kind"] for _, vote in failed}
+        if not failed or "unusable" in kinds or kinds == {"unreachable"}:
+            return _Problem.of(failed)
         if error is not None:
             raise error
         rank, vote = failed[0]
         raise CheckpointError(f"restore of {name} failed on rank {rank}: {vote['error']}")
+
+    def _failures(self, error: Exception | None) -> builtins.list[tuple[int, dict[str, str]]]:
+        """(rank, its error and the kind of failure) of every rank where the step failed."""
+        kind = (
+            "unusable"
+            if isinstance(error, _UNUSABLE)
+            else "unreachable"
+            if isinstance(error, StorageError)
+            else "other"
+        )
+        mine = {"error": "" if error is None else f"{type(error).__name__}: {error}", "kind": kind}
+        votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
+        return [(rank, vote) for rank, vote in enumerate(votes) if vote["error"]]
 
     def _restore_from(
         self,
