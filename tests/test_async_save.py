@@ -314,12 +314,14 @@ def test_lazy_save_refuses_a_state_updated_before_its_copy(ckpt_root: str) -> No
     _step(model, optim, 0)
     expected = _snapshot(model, optim)
     unickpt.save(f"{ckpt_root}/before", {"model": model, "optim": optim})
-    # state_dict()s, not the objects: no step hook is installed, and the step below does not
-    # wait for the background copy, which the gate holds back.
+    # The loop's own update, not an optimizer step (every step waits for the copy, which the
+    # gate holds back); state_dict()s, so that buffers are not known as buffers either.
     state = {"model": model.state_dict(), "optim": optim.state_dict()}
     storage = GatedLocal(f"{ckpt_root}/torn")
     handle = unickpt.save(storage, state, mode="lazy")
-    _step(model, optim, 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
     storage.gate.set()
     with pytest.raises(
         unickpt.StateChangedError,
@@ -337,6 +339,27 @@ def test_lazy_save_refuses_a_state_updated_before_its_copy(ckpt_root: str) -> No
     unickpt.before_update()
     _step(model, optim, 2)
     assert handle.wait() is not None
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_every_optimizer_step_waits_for_a_lazy_copy_not_only_those_in_the_state(
+    ckpt_root: str, implementation: str
+) -> None:
+    # A model saved without its optimizer: the step ran beside the copy, and a fused step bumps
+    # no version counter, so the torn snapshot committed without an error (audit M).
+    model = _model()
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2, **{implementation: True})
+    _step(model, optim, 0)
+    expected = {key: value.clone() for key, value in model.state_dict().items()}
+    storage = GatedLocal(f"{ckpt_root}/model")
+    handle = unickpt.save(storage, {"model": model}, mode="lazy")
+    threading.Timer(0.3, storage.gate.set).start()
+    _step(model, optim, 1)  # its step waits until the copy is done
+    assert handle.wait() is not None
+    target = _model(seed=5)
+    unickpt.load(storage.root, {"model": target})
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, expected[key]), f"{key} is not the state at the call"
 
 
 def _one_rank_updates_early(rank: int, world_size: int, root: str) -> tuple[str, str]:

@@ -14,19 +14,18 @@ import logging
 import os
 import threading
 import traceback
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from unickpt.engine.buffers import mapped_empty
 from unickpt.engine.comm import Comm, new_gloo_group
 from unickpt.engine.jobs import JobChain
 from unickpt.engine.result import SaveResult
 from unickpt.errors import CheckpointError
-from unickpt.layout.state import find_instances
 
 log = logging.getLogger("unickpt")
 
@@ -138,7 +137,7 @@ _calling = threading.RLock()
 _in_flight: SaveHandle | None = None
 _lazy_pending: SaveHandle | None = None
 _started_any = False  # whether this process ever saved in the background (admit's collective)
-_hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_step_hook_installed = False
 # Saves and reservations, in the order this rank started them (the same on every rank).
 _jobs = JobChain("unickpt-save")
 _group: tuple[object, dist.ProcessGroup] | None = None
@@ -244,11 +243,14 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
     before_update()
 
 
-def _install_hooks(state: object) -> None:
-    for optimizer in find_instances(state, torch.optim.Optimizer):
-        if optimizer not in _hooked:
-            optimizer.register_step_pre_hook(_step_pre_hook)
-            _hooked.add(optimizer)
+def _install_step_hook() -> None:
+    """Make every optimizer's step wait for a pending lazy save's copy: those in the saved state,
+    and any other over its tensors (a model saved without its optimizer, whose fused step,
+    bumping no version counter, the save could not even detect)."""
+    global _step_hook_installed
+    if not _step_hook_installed:
+        register_optimizer_step_pre_hook(_step_pre_hook)
+        _step_hook_installed = True
 
 
 def _forget(handle: SaveHandle) -> None:
@@ -279,7 +281,6 @@ def start(
     finish: Callable[[], SaveResult],
     *,
     lazy: bool,
-    state: object,
 ) -> SaveHandle:
     """Run ``stage`` (here, or in the background when ``lazy``) and then ``finish`` in the
     background; the returned handle reports both."""
@@ -296,7 +297,7 @@ def start(
             raise
         handle._staged.set()
     else:
-        _install_hooks(state)
+        _install_step_hook()
 
     def run() -> None:
         try:

@@ -194,10 +194,12 @@ def _check_unchanged(prepared: PreparedSave) -> None:
     """Refuse a lazy save whose state was updated in place before its copy was complete.
 
     Every in-place op through a tensor, or a view of it, bumps the tensor's version counter
-    (autograd relies on it), so this catches optimizer steps and in-place updates that did not
-    wait for :func:`before_update`. Kernels that update their inputs behind autograd's back
-    (batch_norm's running statistics: hence the buffer snapshots), writes through ``.data`` or a
-    ``.numpy()`` view, and collectives into a state tensor go unseen.
+    (autograd relies on it), so this catches most in-place updates that did not wait for
+    :func:`before_update`: a safety net, not a guarantee. Kernels that update their inputs
+    behind autograd's back (batch_norm's running statistics: hence the buffer snapshots; fused
+    optimizer kernels), writes through ``.data`` or a ``.numpy()`` view, and collectives into a
+    state tensor go unseen, and so does an update still running when the copy ends (the counter
+    moves when its kernel returns).
     """
     changed = [
         key
@@ -210,9 +212,9 @@ def _check_unchanged(prepared: PreparedSave) -> None:
             f"lazy save to {prepared.storage.url}: {', '.join(changed[:3])}{more} changed in "
             "place before the save had copied the state, so the copy would mix two states; "
             "nothing was committed. Nothing may update the state of a lazy save until "
-            "unickpt.before_update() returns: optimizers passed in the state (not their "
-            "state_dict()) call it from a step pre-hook; call it yourself before any other "
-            "in-place update, or save with mode='async'"
+            "unickpt.before_update() returns: every optimizer's step calls it from a step "
+            "pre-hook; call it yourself before any other in-place update, or save with "
+            "mode='async'"
         )
 
 
@@ -353,16 +355,18 @@ def save(
     ``mode="sync"`` returns a :class:`SaveResult` once committed. ``"async"`` copies the state
     into a reused host buffer pool, then returns a :class:`SaveHandle` while writing and commit
     go on in the background. ``"lazy"`` returns at once and makes that copy in the background
-    too, overlapping the caller's next forward/backward; optimizers in ``state`` get a step
-    pre-hook that blocks until the copy is done (call :func:`before_update` before any other
-    in-place update). The buffers of modules in ``state``, which forward passes may update
-    (BatchNorm's running statistics), are copied at the call instead. A lazy save whose state
-    was updated in place before its copy was done fails with :class:`StateChangedError`
-    (nothing is committed) rather than saving a mix of two states; writes it cannot see (through
-    ``.data`` or ``.numpy()``, collectives such as ``dist.all_reduce`` into a state tensor) need
-    :func:`before_update` first. One save is in flight per process: ``if_busy`` says whether
-    a new one waits for it or is skipped (every rank makes the same choice; it is logged); a
-    skipped save, a sync one too, returns a :class:`SaveHandle` whose ``skipped`` is True.
+    too, overlapping the caller's next forward/backward; every optimizer's step waits for the
+    copy in a step pre-hook, and any other in-place update of the state must call
+    :func:`before_update` first. The buffers of modules in ``state``, which forward passes may
+    update (BatchNorm's running statistics), are copied at the call instead. As a safety net, a
+    lazy save whose tensors' version counters moved before its copy was done fails with
+    :class:`StateChangedError` (nothing is committed) rather than saving a mix of two states;
+    it misses writes that bump no counter (through ``.data`` or ``.numpy()``, collectives such
+    as ``dist.all_reduce`` into a state tensor, fused optimizer kernels called directly) and an
+    update still running when the copy ends. One save is in flight per process: ``if_busy``
+    says whether a new one waits for it or is skipped (every rank makes the same choice; it is
+    logged); a skipped save, a sync one too, returns a :class:`SaveHandle` whose ``skipped``
+    is True.
     Background saves need the process group until they finish: ``wait()`` on the handle before
     ``dist.destroy_process_group()``.
     ``storage_options`` configure the backend of an ``s3://`` path (endpoint, credentials, ...).
@@ -448,7 +452,7 @@ def _save(
         with _abandon_on_failure(prepared, comm):
             return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
 
-    return background.start(prepared.storage.url, stage, finish, lazy=mode == "lazy", state=state)
+    return background.start(prepared.storage.url, stage, finish, lazy=mode == "lazy")
 
 
 def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> background.SaveHandle:
