@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -165,6 +166,127 @@ class OutageProxy:
                 return False
             self._budget -= nbytes
             return self._budget <= 0
+
+
+class FaultProxy:
+    """An HTTP proxy in front of the moto server that answers chosen requests wrongly, to show
+    what the backend does with responses a real store or gateway sends now and then.
+
+    :meth:`add` a fault for requests of one method whose path matches a regex: ``"short"``
+    answers a ranged GET with half the bytes asked for (an honest 206), ``"silent"`` never
+    answers (the connection stays open until :meth:`close`), ``"slow"`` answers after
+    ``delay`` seconds, ``"503"`` answers SlowDown. It fires ``times`` times (-1: always).
+    :meth:`count` says how many requests matched a method and path regex.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self._faults: list[dict[str, object]] = []
+        self._seen: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                out = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b""):  # trailers
+                    pass
+                return out
+
+            def _answer(
+                self, status: int, headers: list[tuple[str, str]], body: bytes, size: int = -1
+            ) -> None:
+                self.send_response_only(status)
+                length = str(len(body) if size < 0 else size)
+                for key, value in [*headers, ("Content-Length", length)]:
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _relay(self) -> None:
+                body = self._body()
+                fault = proxy._fault(self.command, self.path)
+                if fault is not None and fault["kind"] == "silent":
+                    proxy._closed.wait()
+                    self.close_connection = True
+                    return
+                if fault is not None and fault["kind"] == "503":
+                    error = b"<Error><Code>SlowDown</Code><Message>Slow down</Message></Error>"
+                    self._answer(503, [("Content-Type", "application/xml")], error)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=60)
+                upstream.putrequest(self.command, self.path, skip_host=True)
+                for key, value in self.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        upstream.putheader(key, value)
+                upstream.putheader("Content-Length", str(len(body)))
+                upstream.endheaders(body)
+                response = upstream.getresponse()
+                data = response.read()
+                upstream.close()
+                skip = ("content-length", "transfer-encoding", "connection", "date", "server")
+                headers = [(k, v) for k, v in response.getheaders() if k.lower() not in skip]
+                if fault is not None and fault["kind"] == "slow":
+                    time.sleep(float(fault["delay"]))  # type: ignore[arg-type]
+                if fault is not None and fault["kind"] == "short" and response.status == 206:
+                    first, total = response.getheader("Content-Range", "").split(" ")[1].split("/")
+                    start, half = int(first.split("-")[0]), len(data) // 2
+                    headers = [(k, v) for k, v in headers if k.lower() != "content-range"]
+                    headers.append(("Content-Range", f"bytes {start}-{start + half - 1}/{total}"))
+                    data = data[:half]
+                head = self.command == "HEAD"  # no body, the object's length
+                self._answer(
+                    response.status,
+                    headers,
+                    data,
+                    int(response.getheader("Content-Length") or 0) if head else -1,
+                )
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add(self, kind: str, method: str, path: str, *, times: int = 1, delay: float = 0) -> None:
+        with self._lock:
+            self._faults.append(
+                {"kind": kind, "method": method, "path": path, "times": times, "delay": delay}
+            )
+
+    def count(self, method: str, path: str) -> int:
+        with self._lock:
+            return sum(m == method and re.search(path, p) is not None for m, p in self._seen)
+
+    def _fault(self, method: str, path: str) -> dict[str, object] | None:
+        with self._lock:
+            self._seen.append((method, path))
+            for fault in self._faults:
+                if fault["method"] == method and re.search(str(fault["path"]), path):
+                    if fault["times"] == 0:
+                        continue
+                    fault["times"] = int(fault["times"]) - 1  # type: ignore[call-overload]
+                    return fault
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 BUCKET = "unickpt-test"

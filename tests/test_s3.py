@@ -21,7 +21,7 @@ import boto3
 import pytest
 import test_storage
 import torch
-from s3_server import BUCKET, MotoServer, OutageProxy
+from s3_server import BUCKET, FaultProxy, MotoServer, OutageProxy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -351,6 +351,60 @@ def test_an_endpoint_ignoring_ranges_fails_loads_instead_of_misreading(
     proxy.drop_request_header("Range")  # every GET now returns the whole object
     with pytest.raises(unickpt.StorageError, match=r"data/r00000-.*without a Content-Range"):
         unickpt.load(path, zeros_like_state(state))
+
+
+@pytest.fixture
+def faults(moto: MotoServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+DATA_FILE = r"/data/r\d{5}-"
+
+
+def test_a_short_ranged_response_is_read_again_not_taken_for_a_truncated_file(
+    env: dict[str, str], faults: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The object's size and ETag are known (HEAD), so fewer bytes than asked for is the
+    # connection's fault: it was reported as a corrupt file, and restore went back a step.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faults.endpoint)
+    path = f"{fresh('short')}/step_1"
+    state = make_state(1, rows=64)
+    unickpt.save(path, state, step=1)
+    unickpt.load(path, zeros_like_state(state))
+    reads = faults.count("GET", DATA_FILE)
+    faults.add("short", "GET", DATA_FILE)
+    loaded = zeros_like_state(state)
+    unickpt.load(path, loaded)
+    assert_same(loaded, state)
+    assert faults.count("GET", DATA_FILE) == 2 * reads + 1, "one more GET: the rest of it"
+    faults.add("short", "GET", DATA_FILE, times=-1)
+    with pytest.raises(
+        unickpt.StorageError,
+        match=r"cannot read .*/data/r00000-.*answered \d+ of the \d+ bytes .*on every try",
+    ):
+        unickpt.load(path, zeros_like_state(state))
+
+
+def test_timeouts_are_retried_by_botocore_alone(
+    env: dict[str, str], faults: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Transfer retries on top of botocore's multiplied the wait of an endpoint that never
+    # answers: max_attempts x (transfer_retries + 1) x read_timeout, 20 minutes per GET by default.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faults.endpoint)
+    path = f"{fresh('silent')}/step_1"
+    state = make_state(1, rows=64)
+    unickpt.save(path, state, step=1)
+    monkeypatch.setenv("UNICKPT_S3_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("UNICKPT_S3_TRANSFER_RETRIES", "3")
+    reads = faults.count("GET", DATA_FILE)
+    faults.add("silent", "GET", DATA_FILE, times=-1)
+    with pytest.raises(unickpt.StorageError, match=r"data/r00000-.* is unreachable or not respond"):
+        unickpt.load(path, zeros_like_state(state))
+    assert faults.count("GET", DATA_FILE) - reads == int(env["UNICKPT_S3_MAX_ATTEMPTS"])
 
 
 def test_endpoint_outage_mid_upload(

@@ -46,7 +46,7 @@ def require_range(where: str, offset: int, nbytes: int, size: int) -> None:
     ``size`` bytes: a read past the end means the file was truncated."""
     if offset < 0 or offset + nbytes > size:
         raise CorruptCheckpointError(
-            f"data file {where} is truncated: need bytes [{offset}, {offset + nbytes}) "
+            f"file {where} is truncated: need bytes [{offset}, {offset + nbytes}) "
             f"but the file has {size}"
         )
 

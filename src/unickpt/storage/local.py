@@ -222,7 +222,7 @@ class _LocalReader(Reader):
             self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             status = os.fstat(self._fd)
         except FileNotFoundError as exc:
-            raise CorruptCheckpointError(f"data file {where} is missing") from exc
+            raise CorruptCheckpointError(f"file {where} is missing") from exc
         except OSError as exc:
             raise _storage_error("open", where, exc) from exc
         if not stat.S_ISREG(status.st_mode):
@@ -245,7 +245,7 @@ class _LocalReader(Reader):
                 got = os.preadv(self._fd, views, offset)
                 if got == 0:
                     raise CorruptCheckpointError(
-                        f"data file {self._where} ended early at byte {offset}"
+                        f"file {self._where} ended early at byte {offset}"
                     )
                 offset += got
                 while views and got >= views[0].nbytes:

@@ -70,7 +70,7 @@ class MemoryStorage(Storage):
         with _LOCK:
             data = self._files.get(self._key(path))
         if data is None:
-            raise CorruptCheckpointError(f"data file {self.describe(path)} is missing")
+            raise CorruptCheckpointError(f"file {self.describe(path)} is missing")
         return _MemoryReader(data, self.describe(path))
 
     def put_atomic(self, path: str, data: bytes, *, replace: bool = True) -> None:

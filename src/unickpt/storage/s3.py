@@ -11,7 +11,9 @@ overridden by an explicit ``storage_options`` dict:
   64 MiB, between 5 MiB and 5 GiB), ``upload_threads`` (2), ``max_attempts`` (botocore's
   per-request attempts, 5), ``transfer_retries`` (further tries of a data transfer, with
   exponential backoff from ``retry_backoff`` seconds, after botocore gave up: 3 and 0.5),
-  ``connect_timeout`` (10 s) and ``read_timeout`` (60 s).
+  ``connect_timeout`` (10 s) and ``read_timeout`` (60 s). Timeouts are botocore's to retry
+  only: an endpoint that accepts connections and never answers fails a request after about
+  ``max_attempts`` times ``read_timeout`` (5 minutes by default; lower them to fail sooner).
 
 Semantics: a written file becomes visible only when its writer closes (one PutObject for a file
 smaller than ``part_size``, otherwise a multipart upload completed on close); a failed or aborted
@@ -169,17 +171,32 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return code, status
 
 
+class _ShortResponse(Exception):
+    """A ranged GET of an object of known size and ETag answered fewer bytes than asked for,
+    or stalled: the connection or a gateway cut it, not the object (a shorter one fails its
+    ETag). botocore does not retry a response body; :meth:`_Shared.transfer` does."""
+
+
 def _is_transient(exc: BaseException) -> bool:
-    """Whether trying ``exc``'s request again later may succeed."""
+    """Whether trying ``exc``'s request again later may succeed where botocore's own retries
+    did not. Not a timeout: botocore waited ``read_timeout`` (or ``connect_timeout``) on each
+    of its attempts already, and more tries would multiply that wait, to many minutes per
+    request on an endpoint that accepts connections and never answers."""
     from botocore.exceptions import (
         ConnectionError as BotoConnectionError,
     )
     from botocore.exceptions import (
+        ConnectTimeoutError,
         HTTPClientError,
         IncompleteReadError,
+        ReadTimeoutError,
     )
 
-    if isinstance(exc, BotoConnectionError | HTTPClientError | IncompleteReadError):
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        return False
+    if isinstance(
+        exc, BotoConnectionError | HTTPClientError | IncompleteReadError | _ShortResponse
+    ):
         return True
     code, status = _error_code(exc)
     return status >= 500 or code in _TRANSIENT_CODES
@@ -258,7 +275,7 @@ class _Shared:
 
         opts = self.options
         config = Config(
-            retries={"mode": "standard", "max_attempts": opts.max_attempts},
+            retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
             connect_timeout=opts.connect_timeout,
             read_timeout=opts.read_timeout,
             max_pool_connections=max(10, opts.upload_threads + 8),
@@ -304,6 +321,8 @@ class _Shared:
                 f"S3 endpoint {self.endpoint} is unreachable or not responding "
                 f"(bucket {self.bucket!r}): {exc}"
             )
+        elif isinstance(exc, _ShortResponse):
+            detail = f"{exc}, on every try"
         elif code == "NoSuchBucket":
             detail = f"bucket {self.bucket!r} does not exist at {self.endpoint}"
         elif code in _DENIED_CODES:
@@ -578,7 +597,7 @@ class _S3Reader(Reader):
         self._where = where
         head = _head(shared, key, where)
         if head is None:
-            raise CorruptCheckpointError(f"data file {where} is missing")
+            raise CorruptCheckpointError(f"file {where} is missing")
         self._size = int(head["ContentLength"])
         self._etag = str(head.get("ETag") or "")
 
@@ -592,6 +611,8 @@ class _S3Reader(Reader):
         if want == 0:
             return
         done = 0
+
+        from botocore.exceptions import ReadTimeoutError
 
         def attempt() -> None:  # a retry resumes after the bytes already received
             nonlocal done
@@ -622,33 +643,40 @@ class _S3Reader(Reader):
                         f"endpoint answered {served or 'without a Content-Range'} (does a proxy "
                         "or gateway in between ignore ranged GETs?)"
                     )
-                if int(response.get("ContentLength", want - done)) < want - done:
-                    raise self._truncated(offset + done + int(response["ContentLength"]))
+                length = int(response.get("ContentLength", want - done))
+                if length < want - done:
+                    raise _ShortResponse(
+                        f"the endpoint answered {length} of the {want - done} bytes asked for "
+                        f"from byte {offset + done}"
+                    )
                 while done < want:
-                    got = body.readinto(view[done:])
+                    try:
+                        got = body.readinto(view[done:])
+                    except ReadTimeoutError as exc:
+                        raise _ShortResponse(
+                            f"the response stalled at byte {offset + done}: {exc}"
+                        ) from exc
                     if not got:
-                        raise self._truncated(offset + done)
+                        raise _ShortResponse(
+                            f"the response ended at byte {offset + done}, before byte "
+                            f"{offset + want}"
+                        )
                     done += got
             finally:
                 body.close()
 
         self._shared.transfer("read", self._where, attempt)
 
-    def _truncated(self, at: int) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"data file {self._where} is truncated: it ended at byte {at}"
-        )
-
     def _translate(self, exc: Exception, at: int) -> CorruptCheckpointError | None:
         code, _ = _error_code(exc)
         if code in _MISSING_CODES:
-            return CorruptCheckpointError(f"data file {self._where} is missing")
+            return CorruptCheckpointError(f"file {self._where} is missing")
         if code == "PreconditionFailed":
             return CorruptCheckpointError(
-                f"data file {self._where} was replaced while being read (its ETag changed)"
+                f"file {self._where} was replaced while being read (its ETag changed)"
             )
         if code == "InvalidRange":
-            return self._truncated(at)
+            return CorruptCheckpointError(f"file {self._where} is truncated: it ends before {at}")
         return None
 
     def close(self) -> None:
@@ -762,7 +790,7 @@ class S3Storage(Storage):
                 response = shared.client.get_object(Bucket=shared.bucket, Key=key)
             except Exception as exc:
                 if _error_code(exc)[0] in _MISSING_CODES:
-                    raise CorruptCheckpointError(f"data file {where} is missing") from exc
+                    raise CorruptCheckpointError(f"file {where} is missing") from exc
                 raise
             with contextlib.closing(response["Body"]) as body:
                 return bytes(body.read())
