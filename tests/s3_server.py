@@ -268,6 +268,11 @@ class FaultProxy:
                 {"kind": kind, "method": method, "path": path, "times": times, "delay": delay}
             )
 
+    def clear(self) -> None:
+        """No more faults: the store behaves again."""
+        with self._lock:
+            self._faults.clear()
+
     def count(self, method: str, path: str) -> int:
         with self._lock:
             return sum(m == method and re.search(path, p) is not None for m, p in self._seen)

@@ -407,6 +407,52 @@ def test_timeouts_are_retried_by_botocore_alone(
     assert faults.count("GET", DATA_FILE) - reads == int(env["UNICKPT_S3_MAX_ATTEMPTS"])
 
 
+def test_gc_aborts_the_uploads_of_a_failed_save_whose_aborts_failed_too(
+    env: dict[str, str], faults: FaultProxy, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store refused parts and aborts, then came back for the marker's delete: the uploads
+    # sat under a directory with no object, which no listing (so no gc) ever showed (audit O).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faults.endpoint)
+    root = fresh("orphans")
+    faults.add("503", "PUT", r"uploadId=", times=-1)  # UploadPart
+    faults.add("503", "DELETE", r"uploadId=", times=-1)  # AbortMultipartUpload
+    with pytest.raises(unickpt.StorageError, match="SlowDown"):
+        unickpt.save(f"{root}/step_2", make_state(2, rows=6000), step=2)  # ~24 MiB: multipart
+    faults.clear()
+    prefix = S3Storage(root).prefix
+    assert len(pending_uploads(raw, f"{prefix}/step_2/data/")) == 1, "the abort went through"
+    raw.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/export/model.safetensors")
+    assert S3Storage(root).children() == [], "nothing under the root shows in a listing"
+    # (moto dates every upload 2010-11-10, so min_age cannot be shown to keep a young one here)
+    entries = unickpt.collect_garbage(root, dry_run=True, min_age=0)
+    assert [(e.name, e.removed) for e in entries] == [("step_2", False)]
+    entries = unickpt.collect_garbage(root, min_age=0)
+    assert [(e.name, e.removed, e.reason) for e in entries] == [
+        ("step_2", True, "incomplete uploads only")
+    ]
+    assert pending_uploads(raw, prefix) == [f"{prefix}/export/model.safetensors"], (
+        "gc takes a save's uploads only"
+    )
+
+
+def test_a_retried_create_leaves_no_second_upload(
+    env: dict[str, str], faults: FaultProxy, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first CreateMultipartUpload landed but was answered after read_timeout: botocore's
+    # retry started a second upload, and the first stayed under the committed checkpoint.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faults.endpoint)
+    monkeypatch.setenv("UNICKPT_S3_READ_TIMEOUT", "3")
+    faults.add("slow", "POST", r"\?uploads", delay=4)
+    path = f"{fresh('twins')}/step_1"
+    state = make_state(1, rows=3000)  # ~12 MiB: multipart
+    unickpt.save(path, state, step=1)
+    assert faults.count("POST", r"\?uploads") == 2, "the create was not retried"
+    loaded = zeros_like_state(state)
+    unickpt.load(path, loaded)
+    assert_same(loaded, state)
+    assert pending_uploads(raw, S3Storage(path).prefix) == []
+
+
 def test_endpoint_outage_mid_upload(
     env: dict[str, str],
     moto: MotoServer,

@@ -212,6 +212,15 @@ class Storage(abc.ABC):
     def children(self) -> builtins.list[str]:
         """Names of the sub-namespaces (directories, prefixes) directly under the root."""
 
+    def abandoned_uploads(self, older_than: float) -> builtins.list[str]:
+        """Paths of writes begun more than ``older_than`` seconds ago and never finished that
+        listings do not show (an object store's multipart uploads whose writer died, or whose
+        abort failed); none where every write is a visible file."""
+        return []
+
+    def abort_uploads(self, path: str) -> None:  # noqa: B027 - nothing to do without uploads
+        """Abort the unfinished writes of ``path`` that :meth:`abandoned_uploads` names."""
+
     def check_inside(self, path: str) -> None:
         """Raise UnsafeCheckpointError unless ``path`` stays inside the root (no I/O on data)."""
         check_relative_path(path)

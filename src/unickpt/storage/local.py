@@ -244,9 +244,7 @@ class _LocalReader(Reader):
             while views:
                 got = os.preadv(self._fd, views, offset)
                 if got == 0:
-                    raise CorruptCheckpointError(
-                        f"file {self._where} ended early at byte {offset}"
-                    )
+                    raise CorruptCheckpointError(f"file {self._where} ended early at byte {offset}")
                 offset += got
                 while views and got >= views[0].nbytes:
                     got -= views[0].nbytes

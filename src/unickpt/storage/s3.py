@@ -404,6 +404,7 @@ class _S3Writer(Writer):
         self._pool: ThreadPoolExecutor | None = None
         self._failure: BaseException | None = None
         self._cancelled = threading.Event()
+        self._may_have_twins = False
         self._done = False
 
     def write(self, data: memoryview | bytes) -> None:
@@ -451,14 +452,22 @@ class _S3Writer(Writer):
         if self._upload_id is None:
             self._crc32 = shared.use_crc32
             extra = {"ChecksumAlgorithm": "CRC32"} if self._crc32 else {}
-            response = shared.transfer(
-                "start uploading",
-                self._where,
-                lambda: shared.client.create_multipart_upload(
+            tries = 0
+
+            def create() -> dict[str, Any]:
+                nonlocal tries
+                tries += 1
+                response: dict[str, Any] = shared.client.create_multipart_upload(
                     Bucket=shared.bucket, Key=self._key, **extra
-                ),
-            )
+                )
+                return response
+
+            response = shared.transfer("start uploading", self._where, create)
             self._upload_id = str(response["UploadId"])
+            # A create retried after its answer was lost may have started an upload of its own
+            # (S3 cannot tell a retry from a new request): found and aborted when this one ends.
+            retried = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+            self._may_have_twins = tries > 1 or bool(retried)
             self._pool = ThreadPoolExecutor(
                 shared.options.upload_threads, thread_name_prefix="unickpt-s3-upload"
             )
@@ -529,6 +538,7 @@ class _S3Writer(Writer):
         except BaseException:
             self.abort()
             raise
+        self._abort_twins()
         self._finish()
 
     def _complete(self, parts: list[dict[str, Any]]) -> None:
@@ -577,7 +587,17 @@ class _S3Writer(Writer):
                 shared.client.abort_multipart_upload(
                     Bucket=shared.bucket, Key=self._key, UploadId=self._upload_id
                 )
+        self._abort_twins()
         self._finish()
+
+    def _abort_twins(self) -> None:
+        """Abort the other uploads of our key that a retried create may have started."""
+        if not self._may_have_twins:
+            return
+        with contextlib.suppress(Exception):  # empty uploads: a lifecycle rule takes what stays
+            for upload in _uploads(self._shared, self._key, self._where):
+                if upload["Key"] == self._key and upload["UploadId"] != self._upload_id:
+                    _abort_upload(self._shared, self._key, upload["UploadId"], self._where)
 
     def _finish(self) -> None:
         self._done = True
@@ -692,6 +712,42 @@ def _head(shared: _Shared, key: str, where: str) -> dict[str, Any] | None:
             return None
         raise shared.error("look up", where, exc) from exc
     return response
+
+
+def _uploads(shared: _Shared, key_prefix: str, where: str) -> Iterator[dict[str, Any]]:
+    """The incomplete multipart uploads under ``key_prefix`` (invisible to listings, stored and
+    billed until aborted); none, logged, where the store does not let us list them."""
+    markers: dict[str, str] = {}
+    while True:
+        try:
+            page = shared.client.list_multipart_uploads(
+                Bucket=shared.bucket, Prefix=key_prefix, **markers
+            )
+        except Exception as exc:
+            if _error_code(exc)[0] not in _UNSUPPORTED_CODES | _DENIED_CODES:
+                raise shared.error("list the incomplete uploads under", where, exc) from exc
+            # Not allowed or not implemented here: a bucket lifecycle rule must reap them.
+            log.warning("unickpt: cannot list incomplete uploads under %s: %s", where, exc)
+            return
+        yield from page.get("Uploads", [])
+        if not page.get("IsTruncated"):
+            return
+        markers = {
+            "KeyMarker": page.get("NextKeyMarker", ""),
+            "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+        }
+
+
+def _abort_upload(shared: _Shared, key: str, upload_id: str, where: str) -> None:
+    try:
+        shared.client.abort_multipart_upload(Bucket=shared.bucket, Key=key, UploadId=upload_id)
+    except Exception as exc:
+        code = _error_code(exc)[0]
+        if code == "NoSuchUpload":  # completed or aborted since
+            return
+        if code not in _UNSUPPORTED_CODES | _DENIED_CODES:
+            raise shared.error("abort the incomplete upload of", where, exc) from exc
+        log.warning("unickpt: cannot abort the incomplete upload of %s: %s", where, exc)
 
 
 def _parse_url(url: str) -> tuple[str, str]:
@@ -842,34 +898,24 @@ class S3Storage(Storage):
     def _abort_uploads(self, key_prefix: str, where: str) -> None:
         """Abort the incomplete multipart uploads under ``key_prefix``: a writer killed mid-file
         leaves one, invisible to listings but stored (and billed) until it is aborted."""
-        shared = self._shared
-        markers: dict[str, str] = {}
-        while True:
-            try:
-                page = shared.client.list_multipart_uploads(
-                    Bucket=shared.bucket, Prefix=key_prefix, **markers
-                )
-                for upload in page.get("Uploads", []):
-                    try:
-                        shared.client.abort_multipart_upload(
-                            Bucket=shared.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
-                    except Exception as exc:
-                        if _error_code(exc)[0] != "NoSuchUpload":  # completed or aborted since
-                            raise
-            except Exception as exc:
-                if _error_code(exc)[0] not in _UNSUPPORTED_CODES | _DENIED_CODES:
-                    raise shared.error("abort the incomplete uploads under", where, exc) from exc
-                # Not allowed or not implemented here: the objects still go; a lifecycle rule
-                # must reap the uploads.
-                log.warning("unickpt: cannot abort incomplete uploads under %s: %s", where, exc)
-                return
-            if not page.get("IsTruncated"):
-                return
-            markers = {
-                "KeyMarker": page.get("NextKeyMarker", ""),
-                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+        for upload in _uploads(self._shared, key_prefix, where):
+            _abort_upload(self._shared, upload["Key"], upload["UploadId"], where)
+
+    def abandoned_uploads(self, older_than: float) -> builtins.list[str]:
+        base, cutoff = self._dir(""), time.time() - older_than
+        return sorted(
+            {
+                upload["Key"][len(base) :]
+                for upload in _uploads(self._shared, base, self.url)
+                if upload["Initiated"].timestamp() < cutoff
             }
+        )
+
+    def abort_uploads(self, path: str) -> None:
+        key = self._key(path)
+        for upload in _uploads(self._shared, key, self.describe(path)):
+            if upload["Key"] == key:
+                _abort_upload(self._shared, key, upload["UploadId"], self.describe(path))
 
     def delete_prefix(self, prefix: str) -> None:
         shared = self._shared

@@ -185,14 +185,17 @@ def collect_garbage(
     bad pid, a start in the future) names no saver: the checkpoint is kept until the marker file
     is ``min_age`` seconds old, and for good where the storage cannot tell a file's age. A
     directory gc fails on is reported as kept, with the error as the reason, and the others are
-    still collected.
+    still collected. On object stores, a directory holding nothing but uploads of a save's data
+    files started over ``min_age`` seconds ago (a failed save whose aborts failed too) has them
+    aborted.
     """
     storage = open_storage(root, storage_options)
     # A typo must not look like a clean run (on object stores an empty prefix is just empty).
     if isinstance(storage, LocalStorage) and not storage.root_exists():
         raise CheckpointNotFoundError(f"no directory {storage.url} to collect in")
     out = []
-    for name in storage.children():
+    children = storage.children()
+    for name in children:
         try:
             entry = _collect(storage, name, dry_run, min_age)
         except CheckpointError as exc:
@@ -200,4 +203,38 @@ def collect_garbage(
             entry = GcEntry(name, False, f"error: {exc}")
         if entry is not None:
             out.append(entry)
+    return out + _collect_uploads(storage, set(children), dry_run, min_age)
+
+
+def _collect_uploads(
+    storage: Storage, children: set[str], dry_run: bool, min_age: float
+) -> list[GcEntry]:
+    """Abort a save's data-file uploads left where nothing else is: a save that failed while
+    its store was failing, whose aborts failed but whose marker went, leaves no object under
+    its directory, which listings therefore never show. Uploads in a listed directory are its
+    collection's (or, committed, never touched); a live save's directory always holds its
+    marker, and ``min_age`` guards the rest."""
+    try:
+        uploads = storage.abandoned_uploads(min_age)
+    except CheckpointError as exc:
+        log.warning("unickpt gc: cannot look for incomplete uploads: %s", exc)
+        return []
+    abandoned: dict[str, list[str]] = {}
+    for path in uploads:
+        name, _, inside = path.partition("/")
+        if name not in children and written_by_a_save(inside):
+            abandoned.setdefault(name, []).append(path)
+    out = []
+    for name, paths in sorted(abandoned.items()):
+        if dry_run:
+            out.append(GcEntry(name, False, "dry run (incomplete uploads only)"))
+            continue
+        try:
+            for path in paths:
+                storage.abort_uploads(path)
+        except CheckpointError as exc:
+            log.warning("unickpt gc: skipped %s: %s", storage.describe(name), exc)
+            out.append(GcEntry(name, False, f"error: {exc}"))
+        else:
+            out.append(GcEntry(name, True, "incomplete uploads only"))
     return out
