@@ -182,7 +182,8 @@ def test_memory_tier_outlives_a_killed_trainer(env: dict[str, str]) -> None:
 
         manifest = memory.read(f"{name(2)}/manifest.json")
         assert run_distributed(2, restore_after_kill, root, env, timeout=120) == [2, 2]
-        assert committed(s3) == [name(2)]
+        # step 1 too: keep_last=3 would have kept it on S3 had the trainer lived to drain it
+        assert committed(s3) == [name(1), name(2)]
         assert s3.read(f"{name(2)}/manifest.json") == manifest
         unickpt.verify(s3.child(name(2)))
         assert memory.children() == [], "durable on S3: closing the run emptied the memory tier"
@@ -363,6 +364,59 @@ def test_retention_keeps_undrained_checkpoints(shm: str, tmp_path: os.PathLike[s
         assert result["undrained"] == [name(1), name(2), name(3)], "keep_in_memory=1 yields"
         assert result["after"] == [name(4)], "drained: the older ones are superseded"
     assert committed(LocalStorage(disk_dir)) == [name(4)]
+
+
+def test_restore_drains_the_undrained_checkpoints_that_retention_keeps(
+    shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    """A run died with steps 1-8 in memory only (its disk was unreachable): restore drains the
+    step it restores and the older ones the disk's retention keeps, keep_every's step 4 and
+    keep_last's step 7. Only step 8 was drained, and the memory tier's retention then dropped
+    the rest, step 4 with them (audit N)."""
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    with open(disk_dir, "w") as f:
+        f.write("not a directory")
+    tiers = [f"memory://{shm}", disk_dir]
+    policy: dict[str, Any] = {"every_n_steps": 1, "keep_last": 2, "keep_every": 4, "mode": "sync"}
+    crashed = CheckpointManager(tiers, **policy)
+    for step in range(1, 9):
+        crashed.maybe_save(step, rank_state(step, 0, 1))
+    with pytest.raises(unickpt.StorageError, match="did not reach tier"):
+        crashed.wait()  # and the process dies here, before close()
+    assert committed(LocalStorage(shm)) == [name(step) for step in range(1, 9)]
+    os.remove(disk_dir)
+    manager = CheckpointManager(tiers, **policy)
+    assert manager.restore(blank_state(0, 1)) == 8
+    manager.close()
+    assert committed(LocalStorage(disk_dir)) == [name(4), name(7), name(8)]
+    for step in (4, 7):
+        state = blank_state(0, 1)
+        unickpt.load(os.path.join(disk_dir, name(step)), state, verify=True)
+        assert_restored(state, step)
+
+
+def test_restore_does_not_start_over_while_a_tier_that_may_hold_checkpoints_is_unlisted(
+    env: dict[str, str], moto: MotoServer, shm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The node rebooted (an empty memory tier) while S3 was down: restore returned None, the
+    # run started over, and its new checkpoints lost to the old step 2 at the next restore.
+    proxy = OutageProxy(moto.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    tiers = [f"memory://{shm}", fresh_s3("unlisted")]
+    manager = CheckpointManager(tiers, every_n_steps=1, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, rank_state(step, 0, 1))
+    manager.close()  # durable on S3: the memory tier is emptied
+    proxy.cut()
+    try:
+        with pytest.raises(unickpt.StorageError, match="a tier cannot be listed now"):
+            CheckpointManager(tiers).restore(blank_state(0, 1))
+        proxy.restore()
+        state = blank_state(0, 1)
+        assert CheckpointManager(tiers).restore(state) == 2
+        assert_restored(state, 2)
+    finally:
+        proxy.close()
 
 
 def test_a_drain_never_overwrites_a_different_checkpoint(

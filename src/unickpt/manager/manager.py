@@ -702,7 +702,7 @@ class CheckpointManager:
         """
         check_state(state)
         self._drainer.wait()  # drain errors stay for wait() to report
-        candidates = self._candidates()
+        candidates, undrained = self._candidates()
         for at, (name, index) in enumerate(candidates):
             tier = self.tiers[index]
             manifest, problem = self._agree_readable(tier, name)
@@ -719,6 +719,9 @@ class CheckpointManager:
                     self._newest, self._newest_handle = name, None
                     if index + 1 < len(self.tiers):
                         self._submit(name, None, source=index)
+                    for older, source in undrained:  # all queued before any retention runs
+                        if older < name:  # newer ones are superseded: the run saves them again
+                            self._submit(older, None, source=source)
                     return step
             following = candidates[at + 1][0] if at + 1 < len(candidates) else None
             if problem.unreachable and following != name:
@@ -774,27 +777,32 @@ class CheckpointManager:
         gathered = self._comm.all_gather_bytes(json.dumps(mine).encode())
         return sorted({str(name) for names in gathered for name in json.loads(names)})
 
-    def _candidates(self) -> builtins.list[tuple[str, int]]:
+    def _candidates(self) -> tuple[builtins.list[tuple[str, int]], builtins.list[tuple[str, int]]]:
         """(name, tier index) of every committed checkpoint, in restore order, as rank 0 lists
-        them; the memory tier's uncommitted leftovers (a crashed save) are removed everywhere."""
+        them, and those of :meth:`_undrained`; the memory tier's uncommitted leftovers (a
+        crashed save) are removed everywhere."""
         found: builtins.list[tuple[CheckpointInfo, int]] = []
+        undrained: builtins.list[tuple[str, int]] = []
         swept = False  # only with rank 0's full view of the memory tier's commits
         error: Exception | None = None
         if self._comm.rank == 0:
             try:
                 listings = self._listings()
-                if all(listing is None for listing in listings):
-                    raise StorageError(
-                        "no tier can be listed now (logged above); not restoring, as the "
-                        "newest checkpoint may be on one of them"
-                    )
                 found = [(i, n) for n, listing in enumerate(listings) for i in listing or []]
+                if not found and any(listing is None for listing in listings):
+                    raise StorageError(
+                        "a tier cannot be listed now (logged above) and no other holds a "
+                        "checkpoint; not restoring, as the newest checkpoint may be there, and "
+                        "a run started over would save its steps again beside it"
+                    )
                 found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
+                undrained = self._undrained(listings)
                 swept = self.tiers[0].memory and listings[0] is not None
             except Exception as exc:  # told to the peers first: they wait for the list
                 error = exc
         message: dict[str, Any] = {
             "candidates": [(i.name, index) for i, index in found],
+            "undrained": undrained,
             "sweep": swept,
             "error": None if error is None else f"{type(error).__name__}: {error}",
         }
@@ -805,6 +813,7 @@ class CheckpointManager:
         if message["error"]:
             raise CheckpointError(f"listing the checkpoints failed on rank 0: {message['error']}")
         ordered = [(str(n), int(i)) for n, i in message["candidates"]]
+        undrained = [(str(n), int(i)) for n, i in message["undrained"]]
         if message["sweep"]:
             memory = self.tiers[0].storage
             committed = {name for name, index in ordered if index == 0}
@@ -814,7 +823,35 @@ class CheckpointManager:
                         continue
                     memory.delete_prefix(name)
                     log.info("unickpt: removed the incomplete %s from %s", name, memory.url)
-        return ordered
+        return ordered, undrained
+
+    def _undrained(
+        self, listings: builtins.list[builtins.list[CheckpointInfo] | None]
+    ) -> builtins.list[tuple[str, int]]:
+        """Committed checkpoints on faster tiers only (a run killed before their drains) that a
+        slower tier's retention would keep had they been drained, as (name, the fastest tier
+        holding it), oldest first: ``keep_every`` and ``keep_best`` promise them, and the
+        memory tier's retention drops them once a newer one is durable."""
+        out: dict[str, int] = {}
+        for index in range(1, len(self.tiers)):
+            held = listings[index]
+            if held is None:  # cannot be listed now: nothing to compare with
+                continue
+            names = {info.name for info in held}
+            missing: dict[str, tuple[CheckpointInfo, int]] = {}
+            for source in range(index):
+                for info in listings[source] or []:
+                    if info.name not in names:
+                        missing.setdefault(info.name, (info, source))
+            if not missing:
+                continue
+            # As if every missing one had been drained, as it would have been without the crash
+            merged = sorted([*held, *(info for info, _ in missing.values())], key=_order)
+            victims = set(self._victims(index, [*listings[:index], merged]))
+            for name, (_, source) in missing.items():
+                if name not in victims:
+                    out.setdefault(name, source)
+        return sorted(out.items())
 
     def _agree_readable(self, tier: Tier, name: str) -> tuple[Manifest | None, _Problem]:
         """The candidate's manifest if every rank can read it (and, on the memory tier, every
