@@ -169,6 +169,33 @@ def test_a_storage_error_on_one_tier_restores_the_same_step_from_a_slower_one(
     assert CheckpointManager(tiers).restore(_state(seed=9)) == 2
 
 
+def _restore_with_eio_on_rank_1(rank: int, world_size: int, tiers: list[str]) -> object:
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    with pytest.MonkeyPatch.context() as patch:
+        if rank == 1:
+            _fail_reads_under(patch, os.path.join(tiers[0], CheckpointManager.name_for(2)))
+        try:
+            return CheckpointManager(tiers).restore(_state(seed=9))
+        except unickpt.CheckpointError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+
+def test_one_ranks_storage_error_is_every_ranks(tmp_path: pathlib.Path) -> None:
+    # Rank 0 heard of rank 1's failure as a plain CheckpointError, which restore took for the
+    # caller's fault: both raised instead of reading step 2 from the slower tier (audit P).
+    two = [str(tmp_path / "fast"), str(tmp_path / "slow")]
+    assert run_distributed(2, _restore_with_eio_on_rank_1, two) == [2, 2]
+    results = run_distributed(2, _restore_with_eio_on_rank_1, [str(tmp_path / "alone")])
+    for result in results:  # the same class and advice on both ranks: each may retry alike
+        assert isinstance(result, str) and result.startswith(
+            "StorageError: cannot restore step_0000000002 from "
+        ), result
+        assert "try again once the storage can be read" in result
+
+
 def _restore_past_one_ranks_bad_rng_row(rank: int, world_size: int, root: str) -> int | None:
     manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
     state = _state()

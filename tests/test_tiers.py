@@ -409,7 +409,7 @@ def test_restore_does_not_start_over_while_a_tier_that_may_hold_checkpoints_is_u
     manager.close()  # durable on S3: the memory tier is emptied
     proxy.cut()
     try:
-        with pytest.raises(unickpt.StorageError, match="a tier cannot be listed now"):
+        with pytest.raises(unickpt.StorageError, match=r"tier s3://\S+ cannot be listed now"):
             CheckpointManager(tiers).restore(blank_state(0, 1))
         proxy.restore()
         state = blank_state(0, 1)
@@ -417,6 +417,56 @@ def test_restore_does_not_start_over_while_a_tier_that_may_hold_checkpoints_is_u
         assert_restored(state, 2)
     finally:
         proxy.close()
+
+
+def test_restore_does_not_go_back_while_a_tier_that_may_hold_newer_ones_is_unlisted(
+    env: dict[str, str],
+    moto: MotoServer,
+    tmp_path: os.PathLike[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The disk of the node the run restarts on missed step 2 (its drain failed, or another
+    # node's disk): with S3 down, restore took step 1 and the run saved step 2 again (audit P).
+    proxy = OutageProxy(moto.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    tiers = [disk_dir, fresh_s3("behind")]
+    manager = CheckpointManager(tiers, every_n_steps=1, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, rank_state(step, 0, 1))
+    manager.close()
+    shutil.rmtree(os.path.join(disk_dir, name(2)))
+    proxy.cut()
+    try:
+        with pytest.raises(unickpt.StorageError, match=r"tier s3://\S+ cannot be listed now"):
+            CheckpointManager(tiers).restore(blank_state(0, 1))
+        proxy.restore()
+        assert CheckpointManager(tiers).restore(blank_state(0, 1)) == 2
+    finally:
+        proxy.close()
+
+
+def test_close_after_a_restart_frees_what_retention_would_have_dropped(
+    shm: str, tmp_path: os.PathLike[str]
+) -> None:
+    """keep_in_memory=3 > keep_last=1: a crashed run's steps 1-3, never drained and not kept by
+    the disk's retention, stayed in RAM for good after the restarted run's close() (audit P)."""
+    disk_dir = os.path.join(os.fspath(tmp_path), "disk")
+    with open(disk_dir, "w") as f:
+        f.write("not a directory")
+    tiers = [f"memory://{shm}", disk_dir]
+    policy: dict[str, Any] = {"every_n_steps": 1, "keep_last": 1, "keep_in_memory": 3}
+    crashed = CheckpointManager(tiers, mode="sync", **policy)
+    for step in range(1, 5):
+        crashed.maybe_save(step, rank_state(step, 0, 1))
+    with pytest.raises(unickpt.StorageError, match="did not reach tier"):
+        crashed.wait()
+    os.remove(disk_dir)
+    manager = CheckpointManager(tiers, mode="sync", **policy)
+    assert manager.restore(blank_state(0, 1)) == 4
+    manager.close()
+    assert committed(LocalStorage(disk_dir)) == [name(4)]
+    assert LocalStorage(shm).children() == [], "closed: nothing left in RAM"
 
 
 def test_a_drain_never_overwrites_a_different_checkpoint(

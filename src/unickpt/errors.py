@@ -58,3 +58,15 @@ class CollectiveError(CheckpointError):
 
 class ConversionError(CheckpointError):
     """A conversion spec is invalid, or a source checkpoint does not fit it (docs/CONVERT.md)."""
+
+
+def peer_error(rank: int, what: str, kind: str, message: str) -> CheckpointError:
+    """Rank ``rank``'s failure of ``what`` (``kind``: the class name of its error), as a rank
+    that only heard of it raises it: of the same unickpt class, where it was one, so that
+    every rank can tell a storage outage from a corrupt checkpoint alike."""
+    known = {cls.__name__: cls for cls in _subclasses(CheckpointError)}
+    return known.get(kind, CheckpointError)(f"{what} failed on rank {rank}: {kind}: {message}")
+
+
+def _subclasses(cls: type[CheckpointError]) -> list[type[CheckpointError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]

@@ -24,6 +24,7 @@ from unickpt.errors import (
     CorruptCheckpointError,
     StateMismatchError,
     UnsafeCheckpointError,
+    peer_error,
 )
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import torch_dtype
@@ -103,17 +104,18 @@ def _agree(comm: Comm, error: Exception | None, prepared: _PreparedLoad | None) 
             raise error
         return
     mine = {
-        "error": f"{type(error).__name__}: {error}" if error else "",
+        "error": str(error) if error else "",
+        "kind": type(error).__name__ if error else "",
         "save": prepared.identity if prepared else "",
         "url": str(prepared.storage.url) if prepared else "",
     }
     votes = [json.loads(v) for v in comm.all_gather_bytes(json.dumps(mine).encode())]
-    failures = [(rank, vote["error"]) for rank, vote in enumerate(votes) if vote["error"]]
+    failures = [(rank, vote) for rank, vote in enumerate(votes) if vote["kind"]]
     if error is not None:
         raise error
     if failures:
-        rank, message = failures[0]
-        raise CheckpointError(f"load failed on rank {rank}: {message}")
+        rank, vote = failures[0]
+        raise peer_error(rank, "load", vote["kind"], vote["error"])
     if prepared is not None and len({vote["save"] for vote in votes}) > 1:
         differ = [(r, v["url"]) for r, v in enumerate(votes) if v["save"] != mine["save"]]
         raise CheckpointError(

@@ -35,6 +35,7 @@ from unickpt.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     StorageError,
+    peer_error,
 )
 from unickpt.format.manifest import MANIFEST, RNG_KEY, Manifest, read_manifest
 from unickpt.layout.sharded import ShardedTensor
@@ -70,7 +71,7 @@ class _Problem:
     @staticmethod
     def of(failed: builtins.list[tuple[int, dict[str, str]]]) -> _Problem:
         return _Problem(
-            "; ".join(f"rank {rank}: {vote['error']}" for rank, vote in failed),
+            "; ".join(f"rank {rank}: {vote['type']}: {vote['error']}" for rank, vote in failed),
             bool(failed) and all(vote["kind"] == "unreachable" for _, vote in failed),
         )
 
@@ -226,7 +227,6 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self._newest: str | None = None  # the checkpoint this manager saved or restored last
         self._newest_handle: SaveHandle | None = None  # its background save, if it was one
-        self._retired: set[str] = set()  # deleted from a durable tier by retention (rank 0)
         self._infos: dict[tuple[int, str], CheckpointInfo] = {}
         self._pool_planned = False  # whether a save or a reservation has sized the pool
         self._reservation: SaveHandle | None = None
@@ -422,21 +422,27 @@ class CheckpointManager:
 
     def _releasable(self) -> builtins.list[str]:
         """The memory tier's checkpoints that a slower tier holds with the same manifest, or
-        that retention removed from the slower tiers."""
+        that no slower tier holds nor would keep (retention removed them there, or would have:
+        a crashed run's, never drained)."""
         listings = self._listings()
         memory = self.tiers[0].storage
+        all_listed = all(listing is not None for listing in listings[1:])
+        wanted = {name for name, _ in self._undrained(listings)}
         out = []
         for info in listings[0] or []:
-            if info.name in self._retired:
+            holders = [
+                index
+                for index, listing in enumerate(listings[1:], start=1)
+                if any(i.name == info.name for i in listing or [])
+            ]
+            if not holders and all_listed and info.name not in wanted:
                 out.append(info.name)
                 continue
             text = memory.read(f"{info.name}/{MANIFEST}")
-            for index, listing in enumerate(listings[1:], start=1):
-                if any(i.name == info.name for i in listing or []):
-                    slower = self.tiers[index].storage
-                    if slower.read(f"{info.name}/{MANIFEST}") == text:
-                        out.append(info.name)
-                        break
+            for index in holders:
+                if self.tiers[index].storage.read(f"{info.name}/{MANIFEST}") == text:
+                    out.append(info.name)
+                    break
         return out
 
     def _agree_on_durable_tiers(self) -> None:
@@ -651,7 +657,6 @@ class CheckpointManager:
                         in_memory = victims
                     for name in [] if tier.memory else victims:
                         self._delete(index, name, "retention")
-                        self._retired.add(name)
             except Exception as exc:  # never skip the collective below
                 log.warning("unickpt: retention skipped: %s", exc)
         if self.tiers[0].memory:
@@ -788,13 +793,20 @@ class CheckpointManager:
         if self._comm.rank == 0:
             try:
                 listings = self._listings()
-                found = [(i, n) for n, listing in enumerate(listings) for i in listing or []]
-                if not found and any(listing is None for listing in listings):
+                unlisted = [
+                    tier.url
+                    for tier, listing in zip(self.tiers, listings, strict=True)
+                    if listing is None
+                ]
+                if unlisted:
                     raise StorageError(
-                        "a tier cannot be listed now (logged above) and no other holds a "
-                        "checkpoint; not restoring, as the newest checkpoint may be there, and "
-                        "a run started over would save its steps again beside it"
+                        f"tier {unlisted[0]} cannot be listed now (logged above): it may hold "
+                        "checkpoints newer than the other tiers', so restore picks none without "
+                        "it (a run resumed from an older step, or started over, would save "
+                        "those steps again beside them); try again once it can be listed, or "
+                        "leave it out of the tiers to restore from the others"
                     )
+                found = [(i, n) for n, listing in enumerate(listings) for i in listing or []]
                 found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
                 undrained = self._undrained(listings)
                 swept = self.tiers[0].memory and listings[0] is not None
@@ -804,14 +816,15 @@ class CheckpointManager:
             "candidates": [(i.name, index) for i, index in found],
             "undrained": undrained,
             "sweep": swept,
-            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "error": "" if error is None else str(error),
+            "type": "" if error is None else type(error).__name__,
         }
         if self._comm.world_size > 1:
             message = json.loads(self._comm.broadcast_bytes(json.dumps(message).encode()))
         if error is not None:
             raise error
-        if message["error"]:
-            raise CheckpointError(f"listing the checkpoints failed on rank 0: {message['error']}")
+        if message["type"]:
+            raise peer_error(0, "listing the checkpoints", message["type"], message["error"])
         ordered = [(str(n), int(i)) for n, i in message["candidates"]]
         undrained = [(str(n), int(i)) for n, i in message["undrained"]]
         if message["sweep"]:
@@ -887,7 +900,7 @@ class CheckpointManager:
         if error is not None:
             raise error
         rank, vote = failed[0]
-        raise CheckpointError(f"restore of {name} failed on rank {rank}: {vote['error']}")
+        raise peer_error(rank, f"restore of {name}", vote["type"], vote["error"])
 
     def _failures(self, error: Exception | None) -> builtins.list[tuple[int, dict[str, str]]]:
         """(rank, its error and the kind of failure) of every rank where the step failed."""
@@ -898,9 +911,13 @@ class CheckpointManager:
             if isinstance(error, StorageError)
             else "other"
         )
-        mine = {"error": "" if error is None else f"{type(error).__name__}: {error}", "kind": kind}
+        mine = {
+            "error": "" if error is None else str(error),
+            "type": "" if error is None else type(error).__name__,
+            "kind": kind,
+        }
         votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
-        return [(rank, vote) for rank, vote in enumerate(votes) if vote["error"]]
+        return [(rank, vote) for rank, vote in enumerate(votes) if vote["type"]]
 
     def _restore_from(
         self,
