@@ -172,7 +172,7 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
 
 
 class _ShortResponse(Exception):
-    """A ranged GET of an object of known size and ETag answered fewer bytes than asked for,
+    """A ranged GET of an object of known size and ETag answered none of the bytes asked for,
     or stalled: the connection or a gateway cut it, not the object (a shorter one fails its
     ETag). botocore does not retry a response body; :meth:`_Shared.transfer` does."""
 
@@ -635,6 +635,16 @@ class _S3Reader(Reader):
         from botocore.exceptions import ReadTimeoutError
 
         def attempt() -> None:  # a retry resumes after the bytes already received
+            while done < want:
+                received = get_rest()
+                if not received:
+                    raise _ShortResponse(
+                        f"the endpoint answered none of the bytes from {offset + done} on"
+                    )
+
+        def get_rest() -> int:
+            """One GET of the bytes still missing; how many it delivered. A response may
+            carry fewer (a gateway capping response sizes): the next GET asks for the rest."""
             nonlocal done
             shared = self._shared
             extra = {"IfMatch": self._etag} if self._etag else {}
@@ -650,7 +660,7 @@ class _S3Reader(Reader):
                 if translated is None:
                     raise
                 raise translated from exc
-            body = response["Body"]
+            body, start = response["Body"], done
             try:
                 # Gateways and caches may ignore Range and send the whole object (200, no
                 # Content-Range): read from its start, that fills in the wrong bytes unless
@@ -663,27 +673,20 @@ class _S3Reader(Reader):
                         f"endpoint answered {served or 'without a Content-Range'} (does a proxy "
                         "or gateway in between ignore ranged GETs?)"
                     )
-                length = int(response.get("ContentLength", want - done))
-                if length < want - done:
-                    raise _ShortResponse(
-                        f"the endpoint answered {length} of the {want - done} bytes asked for "
-                        f"from byte {offset + done}"
-                    )
-                while done < want:
+                end = done + min(int(response.get("ContentLength", want - done)), want - done)
+                while done < end:
                     try:
-                        got = body.readinto(view[done:])
+                        got = body.readinto(view[done:end])
                     except ReadTimeoutError as exc:
                         raise _ShortResponse(
                             f"the response stalled at byte {offset + done}: {exc}"
                         ) from exc
                     if not got:
-                        raise _ShortResponse(
-                            f"the response ended at byte {offset + done}, before byte "
-                            f"{offset + want}"
-                        )
+                        break
                     done += got
             finally:
                 body.close()
+            return done - start
 
         self._shared.transfer("read", self._where, attempt)
 

@@ -230,6 +230,10 @@ def _collect_uploads(
             out.append(GcEntry(name, False, "dry run (incomplete uploads only)"))
             continue
         try:
+            # A save that started after the children were listed has its marker there by now:
+            # it writes that before any data file.
+            if storage.child(name).list():
+                continue
             for path in paths:
                 storage.abort_uploads(path)
         except CheckpointError as exc:
