@@ -264,6 +264,66 @@ def test_manifest_field_of_wrong_type_is_named(ckpt: str, mutate: Any, fragment:
         unickpt.load(ckpt, zeros())
 
 
+def _tensor_and_object(doc: dict[str, Any]) -> None:
+    doc["objects"]["model.w"] = 1
+
+
+def _pickled_int64(doc: dict[str, Any]) -> None:
+    doc["tensors"]["model.w"]["encoding"] = "pickle"
+
+
+def _two_chunks_of_nothing(doc: dict[str, Any]) -> None:
+    entry = doc["tensors"]["model.w"]
+    chunk = _first_chunk(doc)
+    entry["shape"], chunk["sizes"], chunk["nbytes"] = [0, 8], [0, 8], 0
+    entry["chunks"].append(dict(chunk))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (_tensor_and_object, "objects: ['model.w'] are tensors too"),
+        (_pickled_int64, "tensors['model.w'].encoding: pickled bytes are uint8, not float32"),
+        (_two_chunks_of_nothing, "2 chunks for a tensor with no elements"),
+    ],
+    ids=["key-twice", "pickle-dtype", "empty-tensor"],
+)
+def test_manifest_breaking_an_invariant_a_reader_could_read_otherwise_is_corrupt(
+    ckpt: str, mutate: Any, fragment: str
+) -> None:
+    # Each was accepted, and readers following FORMAT.md could disagree on what it holds (audit Q).
+    doc = read_manifest(ckpt)
+    mutate(doc)
+    write_manifest(ckpt, doc)
+    for reader in ("inspect", "verify", "load"):
+        with pytest.raises(unickpt.CorruptCheckpointError, match=re.escape(fragment)):
+            read_with(reader, ckpt)
+
+
+def test_a_name_twice_in_one_json_object_is_corrupt(ckpt: str) -> None:
+    # Python keeps the last of two equal names, other readers the first: two checkpoints in one.
+    text = json.dumps(read_manifest(ckpt))
+    write_manifest(ckpt, text.replace('"step":', '"step": 3, "step":', 1).encode())
+    with pytest.raises(unickpt.CorruptCheckpointError, match="the name 'step' appears twice"):
+        unickpt.inspect(ckpt)
+
+
+def test_writers_refuse_what_readers_would_refuse(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A header or manifest over the readers' limits committed a checkpoint none could open.
+    from unickpt.format import manifest, safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "MAX_HEADER_BYTES", 200)
+    with pytest.raises(unickpt.InvalidStateError, match="more than the 200 safetensors"):
+        unickpt.save(f"{ckpt_root}/header", state())
+    monkeypatch.undo()
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 1000)
+    with pytest.raises(unickpt.InvalidStateError, match="more than the 1000 readers accept"):
+        unickpt.save(f"{ckpt_root}/manifest", state())
+    assert not os.path.exists(f"{ckpt_root}/manifest/manifest.json")
+
+
 def test_streaming_reader_checks_file_sizes_before_allocating(ckpt: str) -> None:
     from unickpt.engine.load import CheckpointReader
 
@@ -281,7 +341,10 @@ def test_streaming_reader_checks_file_sizes_before_allocating(ckpt: str) -> None
         reader.read("model.w")
 
 
-@pytest.mark.parametrize(("field", "value"), [("version", 99), ("format", "torch.save")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("version", 99), ("format", "torch.save"), ("version", True), ("version", 1.0)],
+)
 def test_unknown_format_or_version(ckpt: str, field: str, value: object) -> None:
     doc = read_manifest(ckpt)
     doc[field] = value

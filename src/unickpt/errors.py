@@ -60,12 +60,17 @@ class ConversionError(CheckpointError):
     """A conversion spec is invalid, or a source checkpoint does not fit it (docs/CONVERT.md)."""
 
 
+def error_class(name: str) -> type[CheckpointError]:
+    """The unickpt error class called ``name``; CheckpointError for any other name."""
+    known = {cls.__name__: cls for cls in _subclasses(CheckpointError)}
+    return known.get(name, CheckpointError)
+
+
 def peer_error(rank: int, what: str, kind: str, message: str) -> CheckpointError:
     """Rank ``rank``'s failure of ``what`` (``kind``: the class name of its error), as a rank
     that only heard of it raises it: of the same unickpt class, where it was one, so that
     every rank can tell a storage outage from a corrupt checkpoint alike."""
-    known = {cls.__name__: cls for cls in _subclasses(CheckpointError)}
-    return known.get(kind, CheckpointError)(f"{what} failed on rank {rank}: {kind}: {message}")
+    return error_class(kind)(f"{what} failed on rank {rank}: {kind}: {message}")
 
 
 def _subclasses(cls: type[CheckpointError]) -> list[type[CheckpointError]]:

@@ -45,6 +45,7 @@ from unickpt.errors import (
     InvalidStateError,
     StateChangedError,
     StorageError,
+    error_class,
 )
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
@@ -565,7 +566,8 @@ def _commit(
             failures = [r for r in reports if r["error"]]
             if failures:
                 message = "; ".join(r["error"] for r in failures)
-                failed = {"message": message, "storage": all(r["writing"] for r in failures)}
+                writing = all(r["writing"] for r in failures)
+                failed = {"message": message, "type": "StorageError" if writing else ""}
             else:
                 try:
                     manifest = _build_manifest(
@@ -582,8 +584,8 @@ def _commit(
                     with contextlib.suppress(Exception):  # our files are clutter in its checkpoint
                         for name in (name for r in reports for name in r["files"]):
                             storage.delete(name)
-                except Exception as exc:
-                    failed = {"message": f"{type(exc).__name__}: {exc}", "storage": True}
+                except Exception as exc:  # a StorageError mostly; a manifest too large to read
+                    failed = {"message": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}
                 else:
                     with contextlib.suppress(Exception):  # committed; leftovers are only clutter
                         tidy(storage, manifest)
@@ -596,7 +598,7 @@ def _commit(
                 f"({failed['message']}); it is kept as it is, and this save was not committed"
             )
         if failed:
-            kind = StorageError if failed["storage"] else CheckpointError
+            kind = error_class(failed["type"])
             raise kind(f"save to {storage.url} failed, nothing was committed: {failed['message']}")
     written = sum(report["files"].values())
     return SaveResult(

@@ -14,6 +14,7 @@ from unickpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    InvalidStateError,
     UnsupportedFormatError,
 )
 from unickpt.format.dtypes import is_known, itemsize
@@ -158,7 +159,7 @@ class _Parser:
                 f"manifest {self.where}: format is {doc.get('format')!r}, not {FORMAT_NAME!r}"
             )
         version = doc.get("version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0
             raise UnsupportedFormatError(
                 f"manifest {self.where}: format version {version!r} is not supported "
                 f"(this unickpt reads version {FORMAT_VERSION}); upgrade unickpt"
@@ -176,9 +177,12 @@ class _Parser:
         step = doc.get("step")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
             raise self.fail("step", "expected an integer or null")
+        objects = self.get(doc, "objects", dict, "")
+        if both := sorted(tensors.keys() & objects.keys())[:3]:
+            raise self.fail("objects", f"{both} are tensors too: a key names one value")
         return Manifest(
             tensors=tensors,
-            objects=self.get(doc, "objects", dict, ""),
+            objects=objects,
             files=files,
             step=step,
             created=str(doc.get("created", "")),
@@ -202,6 +206,8 @@ class _Parser:
         encoding = doc.get("encoding", "raw")
         if encoding not in ("raw", "pickle"):
             raise self.fail(at + ".encoding", f"unknown encoding {encoding!r}")
+        if encoding == "pickle" and dtype != "uint8":
+            raise self.fail(at + ".encoding", f"pickled bytes are uint8, not {dtype}")
         chunks = []
         for i, chunk in enumerate(self.get(doc, "chunks", list, at + ".")):
             chunks.append(self.chunk(chunk, f"{at}.chunks[{i}]", dtype, len(shape), files))
@@ -299,6 +305,12 @@ def commit_manifest(storage: Storage, manifest: Manifest) -> None:
     this one (it names this save's files), never another writer's.
     """
     data = manifest.to_json().encode()
+    if len(data) > MAX_MANIFEST_BYTES:  # committed, it could never be loaded
+        chunks = sum(len(t.chunks) for t in manifest.tensors.values())
+        raise InvalidStateError(
+            f"the manifest of {storage.url} would be {len(data)} bytes, more than the "
+            f"{MAX_MANIFEST_BYTES} readers accept: {chunks} chunks; save fewer, larger shards"
+        )
     try:
         storage.put_atomic(MANIFEST, data, replace=False)
     except CheckpointExistsError:

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from unickpt.errors import CorruptCheckpointError
+from unickpt.errors import CorruptCheckpointError, InvalidStateError
 from unickpt.format.dtypes import safetensors_dtype
 from unickpt.format.untrusted import parse_json
 from unickpt.storage.base import Reader
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library enforces (its N, bytes 8..)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ def encode_header(
         position += entry.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % align)  # safetensors itself aligns to 8
+    if len(text) > MAX_HEADER_BYTES:  # no safetensors reader, unickpt's included, would open it
+        raise InvalidStateError(
+            f"a data file's header would be {len(text)} bytes, more than the "
+            f"{MAX_HEADER_BYTES} safetensors readers accept: {len(entries)} chunks in one file"
+        )
     prefix = struct.pack("<Q", len(text)) + text
     offsets = []
     position = len(prefix)

@@ -30,6 +30,17 @@ def parse_json(text: bytes | str, what: str) -> Any:
     digit limit and RecursionError for deep nesting: each is one more corrupt file, not a crash.
     """
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_names)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are unique: readers that keep the first of two equal names
+    and readers that keep the last would see two different checkpoints."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        names = [name for name, _ in pairs]
+        twice = next(name for index, name in enumerate(names) if name in names[:index])
+        raise ValueError(f"the name {twice!r} appears twice in one object")
+    return out

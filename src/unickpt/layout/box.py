@@ -153,8 +153,10 @@ def tiling_problem(boxes: Sequence[Box], shape: Sequence[int]) -> str | None:
             return f"chunk {box} lies outside shape {list(shape)}"
     total = math.prod(shape)
     covered = sum(b.volume for b in boxes)
-    if total == 0:
-        return None if boxes else "no chunk"
+    if total == 0:  # one chunk of the whole shape, as a save writes it
+        if len(boxes) == 1 and boxes[0] == Box.full(shape):
+            return None
+        return f"{len(boxes)} chunks for a tensor with no elements (one of its whole shape)"
     nonempty = [b for b in boxes if b.volume]
     if covered != total:
         kind = "overlap" if covered > total else "gap"
