@@ -8,6 +8,7 @@ silent endpoints. Nothing is mocked in-process: every request goes over the netw
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -335,20 +336,25 @@ def test_reshard_world_1_to_world_2_through_s3(env: dict[str, str]) -> None:
 
 @pytest.fixture
 def proxy(moto: MotoServer) -> Iterator[OutageProxy]:
-    proxy = OutageProxy(moto.port)
-    try:
+    with contextlib.closing(OutageProxy(moto.port)) as proxy:
         yield proxy
-    finally:
-        proxy.close()
+
+
+def saved_through(
+    endpoint: str, label: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, dict[str, Any]]:
+    """A small checkpoint saved through ``endpoint`` (a proxy in front of moto), which the
+    test's later calls go through too."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    path, state = f"{fresh(label)}/step_1", make_state(1, rows=64)
+    unickpt.save(path, state, step=1)
+    return path, state
 
 
 def test_an_endpoint_ignoring_ranges_fails_loads_instead_of_misreading(
     env: dict[str, str], proxy: OutageProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    path = f"{fresh('ranges')}/step_1"
-    state = make_state(1, rows=64)
-    unickpt.save(path, state, step=1)
+    path, state = saved_through(proxy.endpoint, "ranges", monkeypatch)
     proxy.drop_request_header("Range")  # every GET now returns the whole object
     with pytest.raises(unickpt.StorageError, match=r"data/r00000-.*without a Content-Range"):
         unickpt.load(path, zeros_like_state(state))
@@ -356,11 +362,8 @@ def test_an_endpoint_ignoring_ranges_fails_loads_instead_of_misreading(
 
 @pytest.fixture
 def faults(moto: MotoServer) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(moto.port)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
+    with contextlib.closing(FaultProxy(moto.port)) as faults:
+        yield faults
 
 
 DATA_FILE = r"/data/r\d{5}-"
@@ -371,10 +374,7 @@ def test_a_short_ranged_response_is_read_again_not_taken_for_a_truncated_file(
 ) -> None:
     # The object's size and ETag are known (HEAD), so fewer bytes than asked for is the
     # connection's fault: it was reported as a corrupt file, and restore went back a step.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", faults.endpoint)
-    path = f"{fresh('short')}/step_1"
-    state = make_state(1, rows=64)
-    unickpt.save(path, state, step=1)
+    path, state = saved_through(faults.endpoint, "short", monkeypatch)
     unickpt.load(path, zeros_like_state(state))
     reads = faults.count("GET", DATA_FILE)
     faults.add("short", "GET", DATA_FILE)
@@ -399,10 +399,7 @@ def test_timeouts_are_retried_by_botocore_alone(
 ) -> None:
     # Transfer retries on top of botocore's multiplied the wait of an endpoint that never
     # answers: max_attempts x (transfer_retries + 1) x read_timeout, 20 minutes per GET by default.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", faults.endpoint)
-    path = f"{fresh('silent')}/step_1"
-    state = make_state(1, rows=64)
-    unickpt.save(path, state, step=1)
+    path, state = saved_through(faults.endpoint, "silent", monkeypatch)
     monkeypatch.setenv("UNICKPT_S3_READ_TIMEOUT", "0.5")
     monkeypatch.setenv("UNICKPT_S3_TRANSFER_RETRIES", "3")
     reads = faults.count("GET", DATA_FILE)
