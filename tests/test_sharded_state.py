@@ -64,6 +64,28 @@ def test_sharded_tensor_and_stage_local_keys_across_layouts(tmp_path: os.PathLik
     assert torch.equal(uneven[1][1], torch.ones(3)) and int(uneven[0][2]) == 7
 
 
+def _fsdp2_with_an_empty_weight(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(0, 4), torch.nn.Linear(4, 3))
+    reference = {key: value.clone() for key, value in model.state_dict().items()}
+    fully_shard(model)
+    unickpt.save(path, {"model": model})
+    return reference
+
+
+def test_fsdp2_shards_of_a_weight_with_no_elements_save(tmp_path: pathlib.Path) -> None:
+    # FSDP2 gives each rank a [0, 0] piece of a [4, 0] weight: refused as not the [2, 0] shard
+    # its placement implies (audit R).
+    path = str(tmp_path / "fsdp")
+    reference = run_distributed(2, _fsdp2_with_an_empty_weight, path)[0]
+    model = torch.nn.Sequential(torch.nn.Linear(0, 4), torch.nn.Linear(4, 3))
+    unickpt.load(path, {"model": model})
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
 def test_overlapping_sharded_tensors_are_refused(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(unickpt.InvalidStateError, match="does not fit in global shape"):
         unickpt.ShardedTensor(torch.zeros(6, 4), (10, 4), (5, 0))

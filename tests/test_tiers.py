@@ -466,7 +466,7 @@ def test_close_after_a_restart_frees_what_retention_would_have_dropped(
     assert manager.restore(blank_state(0, 1)) == 4
     manager.close()
     assert committed(LocalStorage(disk_dir)) == [name(4)]
-    assert LocalStorage(shm).children() == [], "closed: nothing left in RAM"
+    assert LocalStorage(shm).list() == [], "closed: nothing left in RAM, not even `latest`"
 
 
 def test_a_drain_never_overwrites_a_different_checkpoint(

@@ -584,8 +584,12 @@ def _commit(
                     with contextlib.suppress(Exception):  # our files are clutter in its checkpoint
                         for name in (name for r in reports for name in r["files"]):
                             storage.delete(name)
-                except Exception as exc:  # a StorageError mostly; a manifest too large to read
-                    failed = {"message": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}
+                except Exception as exc:  # the storage's mostly; a manifest too large to read
+                    ours = isinstance(exc, CheckpointError)
+                    failed = {
+                        "message": f"{type(exc).__name__}: {exc}",
+                        "type": type(exc).__name__ if ours else "StorageError",
+                    }
                 else:
                     with contextlib.suppress(Exception):  # committed; leftovers are only clutter
                         tidy(storage, manifest)

@@ -145,17 +145,22 @@ MAX_GRID_CELLS = 4_000_000  # beyond this, tiling is checked at a random point (
 _PRIME = 2**127 - 1  # a Mersenne prime, far above any tensor's element count
 
 
-def tiling_problem(boxes: Sequence[Box], shape: Sequence[int]) -> str | None:
-    """Why ``boxes`` do not tile ``shape`` exactly (no gap, no overlap), or None if they do."""
+def tiling_problem(
+    boxes: Sequence[Box], shape: Sequence[int], *, one_chunk_if_empty: bool = True
+) -> str | None:
+    """Why ``boxes`` do not tile ``shape`` exactly (no gap, no overlap), or None if they do.
+
+    A shape with no elements takes one box of its whole shape, as a manifest has it (FORMAT §4);
+    without ``one_chunk_if_empty``, any boxes inside it (other formats' empty shards)."""
     shape = tuple(int(s) for s in shape)
     for box in boxes:
         if not box.within(shape):
             return f"chunk {box} lies outside shape {list(shape)}"
     total = math.prod(shape)
     covered = sum(b.volume for b in boxes)
-    if total == 0:  # one chunk of the whole shape, as a save writes it
-        if len(boxes) == 1 and boxes[0] == Box.full(shape):
-            return None
+    if total == 0:
+        if not one_chunk_if_empty or (len(boxes) == 1 and boxes[0] == Box.full(shape)):
+            return None if boxes else "no chunk"
         return f"{len(boxes)} chunks for a tensor with no elements (one of its whole shape)"
     nonempty = [b for b in boxes if b.volume]
     if covered != total:

@@ -163,8 +163,6 @@ def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
                 "(an empty part of a scalar has no box); put it on a mesh of every rank"
             )
         sizes = [0] * len(shape)
-        if local.numel() == 0:  # torch gives such ranks a 1-d empty tensor, whatever the shape
-            local = local.new_empty(sizes)
     else:
         for mesh_dim, dim in _placement_order(value, key):
             # torch.chunk semantics: ceil-sized pieces, the tail possibly short or empty.
@@ -174,6 +172,8 @@ def _dtensor_shard(value: DTensor, *, key: str) -> LocalShard:
             hi = min(lo + piece, sizes[dim])
             offsets[dim] += lo
             sizes[dim] = hi - lo
+    if local.numel() == 0 == math.prod(sizes):  # torch shapes empty pieces its own way (1-d
+        local = local.new_empty(sizes)  # outside the mesh; [0, 0] for FSDP2's [N, 0] shards)
     if tuple(local.shape) != tuple(sizes):
         raise InvalidStateError(
             f"tensor {key!r}: DTensor local shape {list(local.shape)} differs from the shard "

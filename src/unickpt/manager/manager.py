@@ -419,6 +419,11 @@ class CheckpointManager:
             doomed = json.loads(self._comm.broadcast_bytes(json.dumps(doomed).encode()))
         for name in doomed:
             self._delete(0, name, "the run is closed; durable elsewhere or retired there")
+        memory = self.tiers[0].storage
+        if doomed and self._comm.rank == 0:  # a pointer to nothing is left only if empty
+            with contextlib.suppress(Exception):
+                if not any(_NAME.fullmatch(name) for name in memory.children()):
+                    memory.delete(LATEST)
 
     def _releasable(self) -> builtins.list[str]:
         """The memory tier's checkpoints that a slower tier holds with the same manifest, or

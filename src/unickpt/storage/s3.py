@@ -171,10 +171,15 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return code, status
 
 
+# A ranged GET answered with fewer bytes than this (and than asked for) is a failed one; more,
+# and the rest is asked for at once (gateways that cap response sizes cap at megabytes).
+MIN_SHORT_ANSWER = 1 << 20
+
+
 class _ShortResponse(Exception):
-    """A ranged GET of an object of known size and ETag answered none of the bytes asked for,
-    or stalled: the connection or a gateway cut it, not the object (a shorter one fails its
-    ETag). botocore does not retry a response body; :meth:`_Shared.transfer` does."""
+    """A ranged GET of an object of known size and ETag answered far fewer bytes than asked
+    for, was cut or stalled: the connection or a gateway did it, not the object (a shorter one
+    fails its ETag). botocore does not retry a response body; :meth:`_Shared.transfer` does."""
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -636,15 +641,18 @@ class _S3Reader(Reader):
 
         def attempt() -> None:  # a retry resumes after the bytes already received
             while done < want:
+                asked = want - done
                 received = get_rest()
-                if not received:
+                if received < min(asked, MIN_SHORT_ANSWER):  # no gateway caps this low
                     raise _ShortResponse(
-                        f"the endpoint answered none of the bytes from {offset + done} on"
+                        f"the endpoint answered {received} of the {asked} bytes asked for "
+                        f"from byte {offset + done - received}"
                     )
 
         def get_rest() -> int:
             """One GET of the bytes still missing; how many it delivered. A response may
-            carry fewer (a gateway capping response sizes): the next GET asks for the rest."""
+            announce fewer (a gateway capping response sizes): the next GET asks for the rest.
+            One that ends before what it announced was cut."""
             nonlocal done
             shared = self._shared
             extra = {"IfMatch": self._etag} if self._etag else {}
@@ -682,7 +690,10 @@ class _S3Reader(Reader):
                             f"the response stalled at byte {offset + done}: {exc}"
                         ) from exc
                     if not got:
-                        break
+                        raise _ShortResponse(
+                            f"the response ended at byte {offset + done}, before the "
+                            f"{end - start} bytes it announced"
+                        )
                     done += got
             finally:
                 body.close()
