@@ -75,6 +75,7 @@ def _fsdp2_with_an_empty_weight(rank: int, world_size: int, path: str) -> dict[s
     return reference
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
 def test_fsdp2_shards_of_a_weight_with_no_elements_save(tmp_path: pathlib.Path) -> None:
     # FSDP2 gives each rank a [0, 0] piece of a [4, 0] weight: refused as not the [2, 0] shard
     # its placement implies (audit R).
