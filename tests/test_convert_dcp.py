@@ -92,9 +92,13 @@ def _dcp_with_empty_shards(rank: int, world_size: int, path: str) -> None:
 
     mesh = init_device_mesh("cpu", (world_size,))
     rows = torch.arange(8.0).reshape(4, 2)
+    frozen = torch.nn.Module()
+    frozen.w = torch.nn.Parameter(torch.zeros(5, 0, 3), requires_grad=False)
+    fully_shard(frozen)  # FSDP2 saves its [3, 0, 3] and [2, 0, 3] pieces as [0, 0, 3]
     state = {
         "empty": distribute_tensor(torch.zeros(4, 0), mesh, [Shard(0)]),
         "rows": distribute_tensor(rows, mesh, [Shard(0)]),
+        "frozen": frozen.state_dict(),
     }
     dcp.save(state, checkpoint_id=path)
 
@@ -105,10 +109,36 @@ def test_a_tensor_with_no_elements_sharded_over_ranks_converts(tmp_path: Path) -
     source, target = str(tmp_path / "dcp"), str(tmp_path / "unickpt")
     run_distributed(2, _dcp_with_empty_shards, source)
     import_dcp(source, target)
-    state = {"empty": torch.ones(4, 0), "rows": torch.zeros(4, 2)}
+    state = {
+        "empty": torch.ones(4, 0),
+        "rows": torch.zeros(4, 2),
+        "frozen": {"w": torch.ones(5, 0, 3)},
+    }
     unickpt.load(target, state)
     assert state["empty"].shape == (4, 0)
     assert torch.equal(state["rows"], torch.arange(8.0).reshape(4, 2))
+
+
+def test_an_item_whose_pickle_is_damaged_is_corrupt_not_unsafe(tmp_path: Path) -> None:
+    # A bad opcode in an item was an UnsafeCheckpointError with torch's advice to turn
+    # weights_only off; a non-tensor item was then skipped with a warning (audit S).
+    src, dst = str(tmp_path / "dcp"), str(tmp_path / "unickpt")
+    dcp.save(
+        {"w": torch.ones(3), "sched": {"milestones": [10, 20]}}, checkpoint_id=src, no_dist=True
+    )
+    (data,) = Path(src).glob("*.distcp")
+    raw = bytearray(data.read_bytes())
+    for at in [i for i in range(len(raw)) if raw.startswith(b"PK\x03\x04", i)]:
+        name_length, extra_length = (
+            int.from_bytes(raw[at + 26 : at + 28], "little"),
+            int.from_bytes(raw[at + 28 : at + 30], "little"),
+        )
+        if raw[at + 30 : at + 30 + name_length].endswith(b"data.pkl"):
+            raw[at + 30 + name_length + extra_length] = 0x7F  # no pickle opcode
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match=r"cannot be unpickled") as error:
+        import_dcp(src, dst)
+    assert not isinstance(error.value, UnsafeCheckpointError)
 
 
 class _Opaque:

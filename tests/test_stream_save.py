@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -161,6 +162,38 @@ def test_torch_files_load_weights_only_and_refuse_code(tmp_path: pathlib.Path) -
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CorruptCheckpointError, match=r"junk\.pt is not a readable torch file"):
         load_torch_file(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.99])
+def test_a_cut_off_torch_file_is_corrupt_not_an_os_error(
+    tmp_path: pathlib.Path, keep: float
+) -> None:
+    # torch's zip reader raises OSError(EINVAL) for an archive whose end is missing: it came
+    # out bare, naming no file (audit S).
+    path = tmp_path / "optim_states.pt"
+    torch.save({"w": torch.arange(1 << 16, dtype=torch.float32)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CorruptCheckpointError, match=r"optim_states\.pt is not a readable torch"):
+        load_torch_file(path)
+
+
+def test_bytes_that_are_no_pickle_are_corrupt_not_unsafe(tmp_path: pathlib.Path) -> None:
+    # The weights-only unpickler's refusal of a bad opcode was called unsafe, with torch's
+    # advice to turn weights_only off (audit S): only a refused global is unsafe.
+    path = tmp_path / "item.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in members if name.endswith("data.pkl"))
+    members[pickled] = b"\x7f" + members[pickled][1:]  # not an opcode
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(CorruptCheckpointError, match=r"item\.pt cannot be unpickled") as error:
+        load_torch_file(path)
+    assert not isinstance(error.value, UnsafeCheckpointError)
+    assert "weights_only" not in str(error.value)
 
 
 def test_release_pages_returns_mapped_memory(tmp_path: pathlib.Path) -> None:

@@ -45,6 +45,7 @@ from typing import IO, Any
 import torch
 
 from unickpt.convert.hf import open_location
+from unickpt.convert.torchfile import unpickling_error
 from unickpt.engine.buffers import MAPPED_BYTES, release_freed_memory, streaming_empty
 from unickpt.engine.stream import LazyTensor, Progress, stream_save
 from unickpt.errors import (
@@ -375,7 +376,7 @@ class _Items:
         try:
             return torch.load(stream, map_location="cpu", weights_only=weights_only), where
         except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(f"{where}: {str(exc).strip().splitlines()[0]}") from exc
+            raise unpickling_error(where, exc, trusted=not weights_only) from exc
         except Exception as exc:
             raise CorruptCheckpointError(
                 f"{where}: unreadable item: {type(exc).__name__}: {exc}"
@@ -383,6 +384,8 @@ class _Items:
 
     def chunk(self, fqn: str, tensor: _Tensor, box: Box, stored: _Stored) -> torch.Tensor:
         value, where = self.load(stored)
+        if type(value) is torch.Tensor and value.numel() == 0 == box.volume:
+            value = value.new_empty(box.sizes)  # FSDP2 saves its empty pieces as [0, 0, ...]
         if (
             type(value) is not torch.Tensor
             or value.dtype != tensor.dtype

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import errno
 import functools
 import mmap
 import os
@@ -28,6 +29,7 @@ from unickpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StorageError,
     UnsafeCheckpointError,
 )
 
@@ -91,27 +93,37 @@ def load_torch_file(
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_globals]):
             return torch.load(where, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
-        global_name = re.search(r"GLOBAL (\S+)", str(exc))
-        if trust_pickle or global_name is None:  # garbage, not a class we refuse to import
-            raise CorruptCheckpointError(
-                f"{where} cannot be unpickled: {_weights_only_cause(exc)}"
-            ) from exc
-        raise UnsafeCheckpointError(
-            f"{where} needs Python objects that unickpt does not load by default "
-            f"(global {global_name.group(1)} is not allow-listed). Unpickling them can execute "
-            "arbitrary code: re-run with --trust-pickle (trust_pickle=True) only if you trust "
-            "where this file came from"
-        ) from exc
+        raise unpickling_error(where, exc, trusted=trust_pickle) from exc
     except (ImportError, AttributeError) as exc:  # trusted, but its classes are not importable
         raise CorruptCheckpointError(
             f"{where} cannot be unpickled here: {type(exc).__name__}: {exc} (the code that "
             "wrote it must be installed to unpickle its objects)"
         ) from exc
+    except OSError as exc:  # torch's zip reader says EINVAL for a cut-off archive
+        if exc.errno != errno.EINVAL:
+            raise StorageError(f"cannot read {where}: {exc}") from exc
+        raise CorruptCheckpointError(f"{where} is not a readable torch file: {exc}") from exc
     # KeyError/ValueError: the legacy format's loader on a file that is no torch file at all
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpointError(
             f"{where} is not a readable torch file: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def unpickling_error(
+    where: str, exc: pickle.UnpicklingError, *, trusted: bool
+) -> CorruptCheckpointError | UnsafeCheckpointError:
+    """What a failed ``torch.load`` of ``where`` means: a global the safe unpickler refuses
+    (UnsafeCheckpointError, naming it), or bytes that are no pickle at all (corrupt)."""
+    global_name = re.search(r"GLOBAL (\S+)", str(exc))
+    if trusted or global_name is None:  # garbage, not a class we refuse to import
+        return CorruptCheckpointError(f"{where} cannot be unpickled: {_weights_only_cause(exc)}")
+    return UnsafeCheckpointError(
+        f"{where} needs Python objects that unickpt does not load by default "
+        f"(global {global_name.group(1)} is not allow-listed). Unpickling them can execute "
+        "arbitrary code: re-run with --trust-pickle (trust_pickle=True) only if you trust "
+        "where this file came from"
+    )
 
 
 def _weights_only_cause(exc: BaseException) -> str:
