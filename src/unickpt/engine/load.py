@@ -105,17 +105,17 @@ def _agree(comm: Comm, error: Exception | None, prepared: _PreparedLoad | None) 
         return
     mine = {
         "error": str(error) if error else "",
-        "kind": type(error).__name__ if error else "",
+        "type": type(error).__name__ if error else "",
         "save": prepared.identity if prepared else "",
         "url": str(prepared.storage.url) if prepared else "",
     }
     votes = [json.loads(v) for v in comm.all_gather_bytes(json.dumps(mine).encode())]
-    failures = [(rank, vote) for rank, vote in enumerate(votes) if vote["kind"]]
+    failures = [(rank, vote) for rank, vote in enumerate(votes) if vote["type"]]
     if error is not None:
         raise error
     if failures:
         rank, vote = failures[0]
-        raise peer_error(rank, "load", vote["kind"], vote["error"])
+        raise peer_error(rank, "load", vote["type"], vote["error"])
     if prepared is not None and len({vote["save"] for vote in votes}) > 1:
         differ = [(r, v["url"]) for r, v in enumerate(votes) if v["save"] != mine["save"]]
         raise CheckpointError(

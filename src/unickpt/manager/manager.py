@@ -899,9 +899,9 @@ class CheckpointManager:
         tier that cannot be read now); otherwise every rank raises. Called by every rank
         whatever its own outcome, so that none returns while a peer still waits."""
         failed = self._failures(error)
-        kinds = {vote["kind"] for _, vote in failed}
-        if not failed or "unusable" in kinds or kinds == {"unreachable"}:
-            return _Problem.of(failed)
+        problem = _Problem.of(failed)
+        if not failed or problem.unreachable or any(v["kind"] == "unusable" for _, v in failed):
+            return problem
         if error is not None:
             raise error
         rank, vote = failed[0]

@@ -600,9 +600,7 @@ class _S3Writer(Writer):
         if not self._may_have_twins:
             return
         with contextlib.suppress(Exception):  # empty uploads: a lifecycle rule takes what stays
-            for upload in _uploads(self._shared, self._key, self._where):
-                if upload["Key"] == self._key and upload["UploadId"] != self._upload_id:
-                    _abort_upload(self._shared, self._key, upload["UploadId"], self._where)
+            _abort_uploads_of(self._shared, self._key, self._where, but=self._upload_id)
 
     def _finish(self) -> None:
         self._done = True
@@ -762,6 +760,14 @@ def _abort_upload(shared: _Shared, key: str, upload_id: str, where: str) -> None
         if code not in _UNSUPPORTED_CODES | _DENIED_CODES:
             raise shared.error("abort the incomplete upload of", where, exc) from exc
         log.warning("unickpt: cannot abort the incomplete upload of %s: %s", where, exc)
+
+
+def _abort_uploads_of(shared: _Shared, key: str, where: str, *, but: str | None = None) -> None:
+    """Abort the incomplete uploads of exactly ``key`` (not of keys it is a prefix of), all
+    but upload ``but``."""
+    for upload in _uploads(shared, key, where):
+        if upload["Key"] == key and upload["UploadId"] != but:
+            _abort_upload(shared, key, upload["UploadId"], where)
 
 
 def _parse_url(url: str) -> tuple[str, str]:
@@ -926,10 +932,7 @@ class S3Storage(Storage):
         )
 
     def abort_uploads(self, path: str) -> None:
-        key = self._key(path)
-        for upload in _uploads(self._shared, key, self.describe(path)):
-            if upload["Key"] == key:
-                _abort_upload(self._shared, key, upload["UploadId"], self.describe(path))
+        _abort_uploads_of(self._shared, self._key(path), self.describe(path))
 
     def delete_prefix(self, prefix: str) -> None:
         shared = self._shared
