@@ -91,6 +91,32 @@ def test_tensors_are_produced_one_at_a_time_in_order(tmp_path: pathlib.Path) -> 
     assert produced == [f"t{i}" for i in range(20)]
 
 
+def test_the_writer_thread_lets_go_of_what_it_wrote() -> None:
+    """The background writer must not keep the last tensor it wrote while it waits for the next:
+    that made four tensors alive beside the one being produced (a rare peak of 4x the largest
+    tensor in tests/test_convert_memory.py)."""
+    import weakref
+
+    import numpy as np
+
+    from unickpt.engine.stream import _BackgroundWriter
+
+    class Sink:
+        def write(self, data: memoryview | bytes) -> None:
+            pass
+
+    background = _BackgroundWriter()
+    try:
+        written = np.ones(1 << 16, dtype=np.uint8)
+        alive = weakref.ref(written)
+        background.write(Sink(), memoryview(written))  # type: ignore[arg-type]
+        del written
+        background.drain()
+        assert alive() is None, "the idle writer thread still holds the tensor it wrote"
+    finally:
+        background.close()
+
+
 def test_a_failing_producer_leaves_nothing_visible(tmp_path: pathlib.Path) -> None:
     def boom() -> torch.Tensor:
         raise RuntimeError("source file vanished")

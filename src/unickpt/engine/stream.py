@@ -130,6 +130,9 @@ class _BackgroundWriter:
             except BaseException as exc:  # re-raised in the producer's thread
                 self._error = exc
             finally:
+                # Drop the written tensor before taking the next item: held until get()
+                # returns, it was a fourth tensor alive beside the next one being produced.
+                item = None
                 self._queue.task_done()
         self._queue.task_done()
 
