@@ -7,11 +7,12 @@ each, it returns freed heap pages to the OS, takes its resident set as the basel
 the kernel's peak counter (VmHWM); the operation's cost is the peak minus the baseline. (Not
 ``ru_maxrss``: a child inherits its parent's across fork + exec, so it would report pytest's.)
 
-Why 4x the largest tensor is the bound: the streaming writer holds the tensor being written and
-the next one being produced (2x); producing a tensor may hold one more buffer of it (a DCP chunk
-being copied into place, a dtype cast); one more tensor's worth covers allocator slack. Holding
-the model would cost 640 MiB, 10x the bound. Measured: export_hf +16 MiB, import_hf +35 MiB,
-import_dcp +48 MiB.
+Why 4x the largest tensor is the bound: the streaming writer has at most three tensors alive,
+the one being written, one queued and the one being produced (producing a tensor may instead hold
+a second buffer of it: a DCP chunk being copied into place, a dtype cast); one more tensor's worth
+covers allocator slack. Holding the model would cost 640 MiB, 10x the bound. Measured: export_hf
++16 MiB, import_hf +32-48 MiB, import_dcp +48 MiB (+64 MiB once in about 20 runs while the writer
+thread kept the tensor it had written until the next one arrived).
 
 The files live on tmpfs when there is enough: the test is about process memory (tmpfs pages read
 with ``pread`` are page cache, not RSS), and a noisy shared disk would spend most of the test's
