@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -415,13 +416,19 @@ def test_empty_root_restores_nothing(ckpt_root: str) -> None:
     assert manager.latest() is None and manager.list() == []
 
 
-def test_time_based_schedule(ckpt_root: str) -> None:
+def test_time_based_schedule(ckpt_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    now = [100.0]  # the manager's clock alone: a save's own duration does not count
+    clock = types.SimpleNamespace(monotonic=lambda: now[0])
+    monkeypatch.setattr("unickpt.manager.manager.time", clock)
     manager = CheckpointManager(ckpt_root, every_n_seconds=0.2, keep_last=10, mode="sync")
     state = _state()
-    saved = [
-        manager.maybe_save(step, state) is not None for step in range(6) if not time.sleep(0.12)
-    ]
-    assert 2 <= sum(saved) <= 4, saved
+    saved = []
+    for step in range(6):
+        now[0] += 0.12
+        saved.append(manager.maybe_save(step, state) is not None)
+    assert saved == [False, True, False, True, False, True]
 
 
 def _fsdp_run(rank: int, world_size: int, root: str) -> dict[str, torch.Tensor]:
@@ -667,3 +674,141 @@ def test_ranks_naming_different_durable_tiers_are_refused(ckpt_root: str) -> Non
     for rank, message in enumerate(messages):
         assert message.startswith("ranks disagree on the durable tiers"), message
         assert f"{ckpt_root}/disk-{1 - rank}" in message, message
+
+
+# ---------------------------------------------------------------- one rank fails, all fail fast
+
+
+def _restore_with_a_bug_on_rank_1(rank: int, world_size: int, root: str) -> object:
+    manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2, 3):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    created = {info.name: unickpt.inspect(info.path).created for info in manager.list()}
+    manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
+    if rank == 1:  # not a sign of a bad checkpoint: a bug, an interrupt, the caller's to fix
+        import importlib
+
+        module = importlib.import_module("unickpt.manager.manager")
+        read_manifest = module.read_manifest
+
+        def broken(storage: object) -> object:
+            raise RuntimeError("reader bug")
+
+        module.read_manifest = broken
+    try:
+        outcome: object = manager.restore(_state(seed=9))
+    except (unickpt.CheckpointError, RuntimeError) as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    if rank == 1:
+        module.read_manifest = read_manifest
+    torch.distributed.barrier()
+    with contextlib.suppress(unickpt.CheckpointExistsError):  # it was not superseded
+        manager.maybe_save(1, _state(seed=9))  # the run's next save, had restore gone back
+    manager.close()
+    after = {info.name: unickpt.inspect(info.path).created for info in manager.list()}
+    return outcome, after == created
+
+
+def test_a_failure_that_is_no_bad_checkpoint_raises_instead_of_going_back(ckpt_root: str) -> None:
+    """It used to take every checkpoint for unusable in turn and return None; the run then
+    saved its steps again over the committed ones (audit T)."""
+    (first, kept0), (second, kept1) = run_distributed(
+        2, _restore_with_a_bug_on_rank_1, ckpt_root, pg_timeout=30, timeout=120
+    )
+    assert second == "RuntimeError: reader bug", second
+    assert isinstance(first, str) and first.startswith(
+        "CheckpointError: reading step_0000000003 on "
+    ), first
+    assert "failed on rank 1: RuntimeError: reader bug" in first
+    assert kept0 and kept1  # no committed checkpoint was replaced
+
+
+def test_rng_states_of_another_setup_are_not_restored_and_the_checkpoint_is(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Saved with one more generator (a CUDA device) than the restoring process has: its row
+    is parsed by another layout, which failed, and restore went back over every checkpoint."""
+    from unickpt.manager import rng
+
+    torch_states = rng._torch_states
+    monkeypatch.setattr(
+        rng, "_torch_states", lambda: [*torch_states(), torch.zeros(16, dtype=torch.uint8)]
+    )
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    monkeypatch.setattr(rng, "_torch_states", torch_states)
+    restored = _state(seed=9)
+    with caplog.at_level(logging.WARNING, logger="unickpt"):
+        assert CheckpointManager(ckpt_root).restore(restored) == 2
+    assert "another set of generators" in caplog.text and "RNG states not restored" in caplog.text
+    expected = _state(seed=2)["model"].weight  # type: ignore[union-attr]
+    assert torch.equal(restored["model"].weight, expected)  # type: ignore[union-attr]
+
+
+def _construct_with_a_bad_tier_on_rank_1(rank: int, world_size: int, root: str) -> str:
+    tiers: list[str] = [root] if rank == 0 else []  # a list built from an unset variable
+    started = time.monotonic()
+    try:
+        CheckpointManager(tiers)
+    except (unickpt.CheckpointError, ValueError) as exc:
+        return f"{time.monotonic() - started:.1f}s {type(exc).__name__}: {exc}"
+    return "constructed"
+
+
+def test_one_ranks_bad_tiers_fail_every_ranks_manager_at_once(ckpt_root: str) -> None:
+    first, second = run_distributed(
+        2, _construct_with_a_bad_tier_on_rank_1, ckpt_root, pg_timeout=30, timeout=120
+    )
+    for message in (first, second):
+        assert float(message.partition("s ")[0]) < 20, message  # not the 30 s timeout
+    assert "ValueError: a CheckpointManager needs at least one tier" in second
+    assert first.partition("s ")[2].startswith(
+        "CheckpointError: creating the CheckpointManager failed on rank 1: ValueError"
+    ), first
+
+
+def _drain_without_memory_on_rank_1(rank: int, world_size: int, tiers: list[str]) -> list[str]:
+    import importlib
+
+    drain_module = importlib.import_module("unickpt.manager.drain")
+    manager = CheckpointManager(tiers, every_n_steps=1, mode="sync")
+    state = {f"w{rank}": torch.ones(1024)}  # each rank has a file of its own to copy
+    outcomes = []
+    for step in (1, 2):
+        if rank == 1 and step == 1:
+
+            def no_memory(size: int) -> bytearray:
+                raise MemoryError("no copy buffer")
+
+            drain_module.bytearray = no_memory  # type: ignore[attr-defined]
+        started = time.monotonic()
+        manager.maybe_save(step, state)
+        try:
+            manager.wait()
+            outcomes.append(f"{time.monotonic() - started:.1f}s drained")
+        except unickpt.StorageError as exc:
+            outcomes.append(f"{time.monotonic() - started:.1f}s {exc}")
+        if rank == 1 and step == 1:
+            del drain_module.bytearray  # type: ignore[attr-defined]
+    manager.close()
+    return outcomes
+
+
+def test_a_drain_failing_to_get_memory_on_one_rank_fails_on_every_rank(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Its copy buffer was allocated outside the error handling: the rank's drain job died,
+    and from then on the ranks' drain collectives were paired wrongly."""
+    tiers = [str(tmp_path / "fast"), str(tmp_path / "slow")]
+    for outcomes in run_distributed(
+        2, _drain_without_memory_on_rank_1, tiers, pg_timeout=30, timeout=120
+    ):
+        failed, drained = outcomes
+        assert float(failed.partition("s ")[0]) < 20, outcomes
+        assert "step_0000000001" in failed and "MemoryError: no copy buffer" in failed, outcomes
+        assert drained.endswith("s drained"), outcomes
+    assert unickpt.inspect(os.path.join(tiers[1], "step_0000000002")).step == 2
+    assert not os.path.exists(os.path.join(tiers[1], "step_0000000001", "manifest.json"))

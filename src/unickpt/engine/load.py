@@ -77,11 +77,11 @@ def load(
     """
     comm = Comm()
     prepared: _PreparedLoad | None = None
-    error: Exception | None = None
+    error: BaseException | None = None
     try:
         storage = open_storage(path, storage_options)
         prepared = _prepare(storage, state, strict=strict, verify=verify, allow_pickle=allow_pickle)
-    except Exception as exc:  # reported to the peers before raising, so no rank hangs
+    except BaseException as exc:  # of any kind, told to the peers before raising: none hangs
         error = exc
     # Before any rank writes into its state: all can load, and they load the same checkpoint.
     _agree(comm, error, prepared)
@@ -89,14 +89,14 @@ def load(
     result: LoadResult | None = None
     try:
         result = _read(prepared)
-    except Exception as exc:
+    except BaseException as exc:
         error = exc
     _agree(comm, error, None)  # fail together, so no rank trains on with a half-loaded peer
     assert result is not None
     return result
 
 
-def _agree(comm: Comm, error: Exception | None, prepared: _PreparedLoad | None) -> None:
+def _agree(comm: Comm, error: BaseException | None, prepared: _PreparedLoad | None) -> None:
     """Raise, on every rank, the first rank's failure, or (``prepared``) that the ranks are
     loading different checkpoints: each would fill its part of the state from its own."""
     if comm.world_size == 1:

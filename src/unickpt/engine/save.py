@@ -46,6 +46,7 @@ from unickpt.errors import (
     StateChangedError,
     StorageError,
     error_class,
+    peer_error,
 )
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
@@ -78,7 +79,7 @@ class _Planned:
     cache_hit: bool
     layouts: list[FileLayout]
     images: list[torch.Tensor] | None = None
-    error: Exception | None = None
+    error: BaseException | None = None
 
 
 def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[str, Any]:
@@ -95,7 +96,7 @@ def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[s
                     checksums = stream_file(writer, layout, view, storage)
                 else:
                     checksums = write_image(writer, layout, planned.images[index])
-        except Exception as exc:
+        except BaseException as exc:  # reported to the peers at the commit, never raised here
             raise StorageError(
                 f"rank {rank} writing {storage.describe(file)}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -139,14 +140,15 @@ def _writer_layout(view: SaveView, world_size: int) -> dict[str, Any]:
 class _Collected:
     """The flattened local state and what the peers must be told about it.
 
-    Collecting never raises: a local error is carried to the first collective, so that every
-    rank learns of it and raises together instead of leaving peers blocked.
+    Collecting never raises: a local error, of any kind (a ``SystemExit`` from a Stateful's
+    ``state_dict()`` too), is carried to the first collective, so that every rank learns of it
+    and raises together instead of leaving peers blocked.
     """
 
     view: SaveView
     metas: list[ShardMeta]
     digest: str
-    error: Exception | None
+    error: BaseException | None
     timer: PhaseTimer
     device_work: DeviceWork  # what the caller queued on its GPUs before the save
     versions: dict[str, int]  # lazy saves: each tensor's version counter at the call
@@ -156,7 +158,7 @@ def _collect(
     state: dict[str, Any], *, rank: int, allow_pickle: bool, lazy: bool = False
 ) -> _Collected:
     timer = PhaseTimer()
-    error: Exception | None = None
+    error: BaseException | None = None
     view = SaveView()
     metas: list[ShardMeta] = []
     digest = ""
@@ -186,7 +188,7 @@ def _collect(
                     for key, s in view.shards.items()
                     if not s.local.is_inference()
                 }
-        except Exception as exc:
+        except BaseException as exc:
             error = exc
     return _Collected(view, metas, digest, error, timer, device_work, versions)
 
@@ -210,7 +212,7 @@ def _check_unchanged(prepared: PreparedSave) -> None:
     if changed:
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise StateChangedError(
-            f"lazy save to {prepared.storage.url}: {', '.join(changed[:3])}{more} changed in "
+            f"lazy save to {prepared.url}: {', '.join(changed[:3])}{more} changed in "
             "place before the save had copied the state, so the copy would mix two states; "
             "nothing was committed. Nothing may update the state of a lazy save until "
             "unickpt.before_update() returns: every optimizer's step calls it from a step "
@@ -223,10 +225,18 @@ def _check_unchanged(prepared: PreparedSave) -> None:
 class PreparedSave(_Collected):
     """The caller-side half of a save: the collected state and where and how it goes."""
 
-    storage: Storage
+    opened: Storage | None  # None if opening it failed: ``error`` says why
+    url: str
     step: int | None
     user_metadata: dict[str, Any] | None
     write_limit: RateLimit | None
+
+    @property
+    def storage(self) -> Storage:
+        """The storage saved to; used only once the first collective found no rank failing."""
+        if self.opened is None:
+            raise CheckpointError(f"save to {self.url}: the storage was never opened")
+        return self.opened
 
 
 def prepare_save(
@@ -241,8 +251,16 @@ def prepare_save(
     write_limit: RateLimit | None = None,
     lazy: bool = False,
 ) -> PreparedSave:
-    storage = open_storage(path, storage_options)
+    opened: Storage | None = None
+    failed_to_open: BaseException | None = None
+    url = path.url if isinstance(path, Storage) else str(path)
+    try:  # a bad path or storage option on one rank: carried to the first collective too
+        opened = open_storage(path, storage_options)
+        url = opened.url
+    except BaseException as exc:
+        failed_to_open = exc
     collected = _collect(state, rank=rank, allow_pickle=allow_pickle, lazy=lazy)
+    collected.error = failed_to_open or collected.error
     try:  # an error is carried to the first collective, like the state's own
         if step is not None:
             step = plain_step(step)
@@ -252,7 +270,8 @@ def prepare_save(
         step, user_metadata = None, {}  # the error goes to the first collective, not these
     return PreparedSave(
         **vars(collected),
-        storage=storage,
+        opened=opened,
+        url=url,
         step=step,
         user_metadata=user_metadata,
         write_limit=write_limit,
@@ -270,7 +289,7 @@ def _claim(prepared: PreparedSave, rank: int) -> None:
             check_target(prepared.storage)
             if rank == 0:
                 mark_inflight(prepared.storage)
-        except Exception as exc:
+        except BaseException as exc:
             prepared.error = exc
 
 
@@ -440,12 +459,12 @@ def _save(
                         stage_file(layout, prepared.view, image, all_cores=mode == "async")
                     _check_unchanged(prepared)
                     planned.images = images
-                except Exception:
+                except BaseException as failure:  # told to the peers at the commit
+                    planned.error = failure
                     try:  # a state changed under the copy (resized, say) explains any failure
                         _check_unchanged(prepared)
                     except StateChangedError as changed:
-                        exc = changed
-                    planned.error = exc
+                        planned.error = changed
             staged.append(planned)
 
     def finish() -> SaveResult:
@@ -453,7 +472,7 @@ def _save(
         with _abandon_on_failure(prepared, comm):
             return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
 
-    return background.start(prepared.storage.url, stage, finish, lazy=mode == "lazy")
+    return background.start(prepared.url, stage, finish, lazy=mode == "lazy")
 
 
 def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> background.SaveHandle:
@@ -498,8 +517,9 @@ def mark_inflight(storage: Storage) -> None:
 def _target(prepared: PreparedSave) -> list[Any]:
     """What every rank's save must agree on: the path (on node-local storage, whose root each
     node has its own copy of, only the checkpoint's name under it) and the step."""
-    storage = prepared.storage
-    where = storage.url.rstrip("/").rsplit("/", 1)[-1] if storage.node_local else storage.url
+    storage = prepared.opened
+    node_local = storage is not None and storage.node_local
+    where = prepared.url.rstrip("/").rsplit("/", 1)[-1] if node_local else prepared.url
     return [where, prepared.step]
 
 
@@ -518,17 +538,18 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
             "target": target,
             "digest": prepared.digest,
             "uid": uuid.uuid4().hex[:12],
-            "error": None if error is None else f"{type(error).__name__}: {error}",
+            "error": "" if error is None else str(error),
+            "type": "" if error is None else type(error).__name__,
             "cached": sorted(cached),
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
         _raise_first_failure(replies, error, "save")
         others = [(rank, r["target"]) for rank, r in enumerate(replies) if r["target"] != target]
         if others:
-            theirs = "; ".join(f"rank {rank} to {t[0]} (step {t[1]})" for rank, t in others)
+            theirs = "; ".join(f"rank {rank} {_doing(t)}" for rank, t in others)
             raise InvalidStateError(
-                f"ranks disagree on the save: rank {comm.rank} saves to {target[0]} (step "
-                f"{target[1]}), {theirs}; every rank must pass the same path and step"
+                f"ranks disagree on the save: rank {comm.rank} {_doing(target)}, {theirs}; "
+                "every rank must pass the same path and step"
             )
         global_digest = xxhash.xxh3_128_hexdigest("|".join(r["digest"] for r in replies).encode())
         cache_hit = all(global_digest in r["cached"] for r in replies)
@@ -548,8 +569,9 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
 
 def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, Any]:
     if planned.error is not None:  # staging failed: nothing to write, only peers to tell
-        error = f"rank {comm.rank} staging: {type(planned.error).__name__}: {planned.error}"
-        return {"files": {}, "chunks": [], "error": error, "writing": False}
+        kind = type(planned.error).__name__
+        error = f"rank {comm.rank} staging: {kind}: {planned.error}"
+        return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
     with prepared.timer("write"):
         return _write_files(prepared, comm.rank, planned)
 
@@ -566,8 +588,8 @@ def _commit(
             failures = [r for r in reports if r["error"]]
             if failures:
                 message = "; ".join(r["error"] for r in failures)
-                writing = all(r["writing"] for r in failures)
-                failed = {"message": message, "type": "StorageError" if writing else ""}
+                staging = [r["type"] for r in failures if not r["writing"]]
+                failed = {"message": message, "type": staging[0] if staging else "StorageError"}
             else:
                 try:
                     manifest = _build_manifest(
@@ -610,14 +632,22 @@ def _commit(
     )
 
 
+def _doing(target: list[Any]) -> str:
+    """What a rank's first collective was for, from its target (empty for a reservation)."""
+    if not target:
+        return "prepares its staging pool (reserve_staging) instead of saving"
+    return f"saves to {target[0]} (step {target[1]})"
+
+
 def _raise_first_failure(
-    replies: list[dict[str, Any]], local_error: Exception | None, what: str
+    replies: list[dict[str, Any]], local_error: BaseException | None, what: str
 ) -> None:
+    """Raise this rank's own error, else the first failing rank's, as one of its class."""
     if local_error is not None:
         raise local_error
     for rank, reply in enumerate(replies):
-        if reply["error"]:
-            raise CheckpointError(f"{what} aborted: rank {rank} failed: {reply['error']}")
+        if reply["type"]:
+            raise peer_error(rank, what, reply["type"], reply["error"])
 
 
 def _build_manifest(

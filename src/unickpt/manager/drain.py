@@ -163,12 +163,12 @@ def drain(
     if unseen:
         error = f"no rank can read {unseen[:3]} from {source.url} (missing or truncated)"
     else:
-        buffer = bytearray(min(COPY_CHUNK, max((sizes[p] for p in mine), default=0)))
-        try:
+        try:  # a failure of any kind is told to the peers below: they wait for this rank
+            buffer = bytearray(min(COPY_CHUNK, max((sizes[p] for p in mine), default=0)))
             for path in mine:
                 copy_file(source, target, path, sizes[path], buffer, write_limit)
                 nbytes += sizes[path]
-        except Exception as exc:
+        except BaseException as exc:
             error = f"rank {comm.rank}: {_describe(exc)}"
 
     # (4) publish last, only if every copy landed; (5) tell everyone

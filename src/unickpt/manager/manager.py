@@ -181,18 +181,28 @@ class CheckpointManager:
         keep_in_memory: int = 1,
         max_write_rate: float | None = None,
     ) -> None:
-        _check_arguments(
-            every_n_steps,
-            every_n_seconds,
-            keep_last,
-            keep_every,
-            keep_best,
-            best_mode,
-            mode,
-            if_busy,
-            keep_in_memory,
-        )
-        self.tiers: list[Tier] = parse_tiers(root_or_tiers, storage_options)
+        self._comm = Comm()
+        error: BaseException | None = None
+        self.tiers: list[Tier] = []
+        try:
+            _check_arguments(
+                every_n_steps,
+                every_n_seconds,
+                keep_last,
+                keep_every,
+                keep_best,
+                best_mode,
+                mode,
+                if_busy,
+                keep_in_memory,
+            )
+            self.tiers = parse_tiers(root_or_tiers, storage_options)
+        except BaseException as exc:  # one rank's bad path or option: told to the others
+            error = exc
+        if self._comm.world_size > 1:
+            self._agree_on_tiers(error)
+        elif error is not None:
+            raise error
         self.root = self.tiers[0].root
         self.every_n_steps = every_n_steps
         self.every_n_seconds = every_n_seconds
@@ -205,14 +215,11 @@ class CheckpointManager:
         self.if_busy: BusyPolicy = if_busy
         self.save_rng = save_rng
         self._write_limit = as_rate_limit(max_write_rate)
-        self._comm = Comm()
         # Drains run collectives from a background thread: on the default group they would
         # interleave with training's, so they get a gloo group of their own (created here, a
         # collective every rank reaches at the same point). One tier needs no collective.
         self._group: dist.ProcessGroup | None = None
         self._drain_comm = Comm()
-        if len(self.tiers) > 1 and self._comm.world_size > 1:
-            self._agree_on_durable_tiers()
         self._ensure_group()
         self._drainer = JobChain("unickpt-drain")
         self._lock = threading.Lock()
@@ -450,14 +457,27 @@ class CheckpointManager:
                     break
         return out
 
-    def _agree_on_durable_tiers(self) -> None:
-        """Refuse ranks naming different durable tiers (a path built from a clock, a relative
-        one in different working directories). Saves check their paths, but the memory tier's
-        can only compare names, its root being each node's own; a drain would then commit a
-        checkpoint whose files went to two places."""
+    def _agree_on_tiers(self, error: BaseException | None) -> None:
+        """Raise on every rank one rank's failure to construct the manager (a bad path or
+        option on one node), so that no peer waits for it in a collective. Refuse ranks naming
+        different durable tiers (a path built from a clock, a relative one in different working
+        directories): saves check their paths, but the memory tier's can only compare names,
+        its root being each node's own; a drain would then commit a checkpoint whose files went
+        to two places."""
         mine = [tier.storage.url for tier in self.tiers[1:]]
-        votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
-        others = [(rank, v) for rank, v in enumerate(votes) if v != mine]
+        vote = {
+            "tiers": mine,
+            "error": "" if error is None else str(error),
+            "type": "" if error is None else type(error).__name__,
+        }
+        votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(vote).encode())]
+        if error is not None:
+            raise error
+        for rank, other in enumerate(votes):
+            if other["type"]:
+                what = "creating the CheckpointManager"
+                raise peer_error(rank, what, other["type"], other["error"])
+        others = [(rank, v["tiers"]) for rank, v in enumerate(votes) if v["tiers"] != mine]
         if others:
             theirs = "; ".join(f"rank {rank}: {v}" for rank, v in others)
             raise ValueError(
@@ -720,9 +740,9 @@ class CheckpointManager:
                 step, error = None, None
                 try:
                     step = self._restore_from(tier, name, manifest, state, strict, verify)
-                except Exception as exc:
+                except BaseException as exc:  # of any kind: the peers wait to hear of it
                     error = exc
-                problem = self._agree_restored(name, error)
+                problem = self._agree_on(f"restore of {name}", error)
                 if not problem:
                     log.info("unickpt: restored %s from %s", name, tier.url)
                     self._supersede(candidates[:at], name)
@@ -794,7 +814,7 @@ class CheckpointManager:
         found: builtins.list[tuple[CheckpointInfo, int]] = []
         undrained: builtins.list[tuple[str, int]] = []
         swept = False  # only with rank 0's full view of the memory tier's commits
-        error: Exception | None = None
+        error: BaseException | None = None
         if self._comm.rank == 0:
             try:
                 listings = self._listings()
@@ -815,7 +835,7 @@ class CheckpointManager:
                 found.sort(key=lambda f: (_order(f[0]), -f[1]), reverse=True)
                 undrained = self._undrained(listings)
                 swept = self.tiers[0].memory and listings[0] is not None
-            except Exception as exc:  # told to the peers first: they wait for the list
+            except BaseException as exc:  # told to the peers first: they wait for the list
                 error = exc
         message: dict[str, Any] = {
             "candidates": [(i.name, index) for i, index in found],
@@ -875,7 +895,7 @@ class CheckpointManager:
         """The candidate's manifest if every rank can read it (and, on the memory tier, every
         file it lists, at its size, on this rank's node); else None and why, on every rank."""
         manifest: Manifest | None = None
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             storage = tier.storage.child(name)
             manifest = read_manifest(storage)
@@ -885,29 +905,32 @@ class CheckpointManager:
                         raise IncompleteCheckpointError(
                             f"{storage.describe(file)} is missing or truncated on this node"
                         )
-        except Exception as exc:
+        except BaseException as exc:
             error = exc
-        failed = self._failures(error)
-        if failed:
-            log.info("unickpt: %s on %s is not readable everywhere: %s", name, tier.url, failed)
-            return None, _Problem.of(failed)
-        return manifest, _Problem()
+        problem = self._agree_on(f"reading {name} on {tier.url}", error)
+        if problem:
+            text = problem.text
+            log.info("unickpt: %s on %s is not readable everywhere: %s", name, tier.url, text)
+            return None, problem
+        return manifest, problem
 
-    def _agree_restored(self, name: str, error: Exception | None) -> _Problem:
-        """Every rank's outcome of restoring ``name``, agreed: empty when every rank restored
-        it, else why not, when the failures let every rank move on (an unusable checkpoint, a
-        tier that cannot be read now); otherwise every rank raises. Called by every rank
-        whatever its own outcome, so that none returns while a peer still waits."""
+    def _agree_on(self, what: str, error: BaseException | None) -> _Problem:
+        """Every rank's outcome of ``what`` (reading or restoring a candidate), agreed: empty
+        when it worked on every rank, else why not, when every failure lets the ranks move on
+        (an unusable checkpoint, a tier that cannot be read now). Any other failure (the
+        caller's to fix, an interrupt) raises on every rank: moving on to an older checkpoint
+        would hit it again, and the run would then save over the newer ones. Called by every
+        rank whatever its own outcome, so that none returns while a peer still waits."""
         failed = self._failures(error)
-        problem = _Problem.of(failed)
-        if not failed or problem.unreachable or any(v["kind"] == "unusable" for _, v in failed):
-            return problem
-        if error is not None:
+        fatal = [(rank, vote) for rank, vote in failed if vote["kind"] == "other"]
+        if not fatal:
+            return _Problem.of(failed)
+        if error is not None and any(rank == self._comm.rank for rank, _ in fatal):
             raise error
-        rank, vote = failed[0]
-        raise peer_error(rank, f"restore of {name}", vote["type"], vote["error"])
+        rank, vote = fatal[0]
+        raise peer_error(rank, what, vote["type"], vote["error"])
 
-    def _failures(self, error: Exception | None) -> builtins.list[tuple[int, dict[str, str]]]:
+    def _failures(self, error: BaseException | None) -> builtins.list[tuple[int, dict[str, str]]]:
         """(rank, its error and the kind of failure) of every rank where the step failed."""
         kind = (
             "unusable"
@@ -954,7 +977,19 @@ class CheckpointManager:
         result = load(tier.storage.child(name), full, strict=strict, verify=verify)
         state.update({key: full[key] for key in state})  # top-level JSON values were replaced
         if row is not None:
-            if saved_rng is not None and saved_rng.shape[0] == self._comm.world_size:
+            assert saved_rng is not None
+            other_setup = (
+                "another world size"
+                if saved_rng.shape[0] != self._comm.world_size
+                else "another set of generators (CUDA devices), or another torch"
+                if saved_rng.shape[1] != rng.capture().numel()
+                else ""
+            )
+            if other_setup:
+                log.warning(
+                    "unickpt: %s was saved with %s; RNG states not restored", name, other_setup
+                )
+            else:
                 try:
                     rng.restore(row[0])
                 except Exception as exc:  # a row load() took as it is (no checksum asked)
@@ -962,8 +997,4 @@ class CheckpointManager:
                         f"{name} on {tier.url}: tensor {RNG_KEY!r}: the RNG states of rank "
                         f"{self._comm.rank} cannot be restored: {type(exc).__name__}: {exc}"
                     ) from exc
-            else:
-                log.warning(
-                    "unickpt: %s was saved at another world size; RNG states not restored", name
-                )
         return result.step
