@@ -193,3 +193,26 @@ def test_gc_given_the_parent_of_runs_deletes_no_run(tmp_path: pathlib.Path) -> N
     unickpt.load(str(tmp_path / "run1" / "step_1"), {"w": torch.zeros(4)})
     (entry,) = unickpt.collect_garbage(str(tmp_path / "run3"), min_age=0)  # the right level
     assert entry.name == "step_1" and entry.removed
+
+
+def test_a_marker_being_published_speaks_for_its_saver(tmp_path: pathlib.Path) -> None:
+    """A saver writes, syncs (seconds on a slow disk) and renames a temporary of its marker;
+    gc took the directory for abandoned meanwhile and removed it under the save (audit W)."""
+
+    def publishing(name: str, text: str, age: float = 0.0) -> None:
+        path = tmp_path / name
+        path.mkdir()
+        temporary = path / "_inflight.json.tmp-0123456789ab"
+        temporary.write_text(text)
+        backdate(temporary, age)
+
+    alive = json.dumps({"host": HOST, "pid": os.getpid(), "started": now_iso()})
+    publishing("live", alive)
+    publishing("opened", "")  # created, not written yet
+    publishing("dead", json.dumps({"host": HOST, "pid": 2**31 - 1, "started": now_iso()}))
+    publishing("stale", "", age=OLD)  # a put killed before it wrote anything
+    outcome = collect(tmp_path)
+    assert outcome["live"] == (False, f"save in progress (pid {os.getpid()} alive)")
+    assert not outcome["opened"][0] and "untrusted in-flight marker" in outcome["opened"][1]
+    assert outcome["dead"] == (True, "") and outcome["stale"] == (True, "")
+    assert sorted(os.listdir(tmp_path)) == ["live", "opened"]

@@ -20,6 +20,7 @@ from unickpt.errors import CheckpointError, CheckpointNotFoundError
 from unickpt.format.manifest import INFLIGHT, MANIFEST, written_by_a_save
 from unickpt.format.untrusted import read_json
 from unickpt.storage import LocalStorage, Storage, open_storage
+from unickpt.storage.base import TEMP_INFIX
 
 log = logging.getLogger("unickpt")
 
@@ -60,16 +61,16 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _read_marker(sub: Storage) -> dict[str, Any] | None:
-    """The in-flight marker of ``sub`` as a JSON object, None if it has none.
+def _read_marker(sub: Storage, marker: str) -> dict[str, Any] | None:
+    """The in-flight marker ``marker`` of ``sub`` as a JSON object, None if there is none.
 
     Raises _UntrustedMarker if it is not a regular file inside ``sub``, too large, or no object.
     """
     try:
-        if not sub.exists(INFLIGHT):
+        if not sub.exists(marker):
             return None
         # open_reader refuses symlinks out, FIFOs, devices
-        doc = read_json(sub, INFLIGHT, max_bytes=MAX_MARKER_BYTES, what=INFLIGHT)
+        doc = read_json(sub, marker, max_bytes=MAX_MARKER_BYTES, what=marker)
     except CheckpointError as exc:
         raise _UntrustedMarker(str(exc)) from exc
     if not isinstance(doc, dict):
@@ -99,13 +100,13 @@ def _started(value: Any, now: _dt.datetime) -> _dt.datetime:
     return when
 
 
-def _saver(sub: Storage, min_age: float, now: _dt.datetime) -> str | None:
+def _saver(sub: Storage, marker_file: str, min_age: float, now: _dt.datetime) -> str | None:
     """Why ``sub``'s marker says its saver may be at work, or None if it has none or is done.
 
     Only what the decision needs must be well-formed: the pid of a saver on this host, the
     start of one on another. Raises _UntrustedMarker.
     """
-    marker = _read_marker(sub)
+    marker = _read_marker(sub, marker_file)
     if marker is None:
         return None
     host = marker.get("host")
@@ -118,22 +119,31 @@ def _saver(sub: Storage, min_age: float, now: _dt.datetime) -> str | None:
     return f"save started {age:.0f}s ago on {host}" if age < min_age else None
 
 
-def _in_progress(sub: Storage, min_age: float) -> str | None:
-    """Why ``sub`` may still be being written, or None if it is abandoned."""
+def _in_progress(sub: Storage, files: list[str], min_age: float) -> str | None:
+    """Why ``sub`` (holding ``files``) may still be being written, or None if it is abandoned.
+
+    A saver publishes its marker by writing, syncing and renaming a temporary of it (seconds
+    on a slow disk): the temporary speaks for the saver meanwhile, and the marker itself is
+    looked at last, in case it was published since ``files`` was listed."""
     now = _dt.datetime.now(_dt.timezone.utc)
-    try:
-        return _saver(sub, min_age, now)
-    except _UntrustedMarker as exc:
-        # unickpt publishes its marker atomically and never rewrites it, so a live unickpt saver
-        # never leaves one like this; still, some other writer may be behind it. The marker's
-        # own file age stands in for its start: the grace a save on another host gets.
-        mtime = sub.modified(INFLIGHT)
-        if mtime is None:
-            return f"untrusted in-flight marker ({exc}) of unknown age"
-        age = now.timestamp() - mtime
-        return (
-            f"untrusted in-flight marker ({exc}) written {age:.0f}s ago" if age < min_age else None
-        )
+    publishing = [f for f in files if f.startswith(f"{INFLIGHT}{TEMP_INFIX}")]
+    for marker in [*publishing, INFLIGHT]:
+        try:
+            busy = _saver(sub, marker, min_age, now)
+        except _UntrustedMarker as exc:
+            # unickpt publishes its marker atomically and never rewrites it, so a live
+            # unickpt saver leaves no such marker, only a temporary not written yet; some other
+            # writer may be behind it. The file's age stands in for its start: the grace a
+            # save on another host gets.
+            mtime = sub.modified(marker)
+            busy = f"untrusted in-flight marker ({exc}) of unknown age"
+            if mtime is not None:
+                age = now.timestamp() - mtime
+                busy = f"untrusted in-flight marker ({exc}) written {age:.0f}s ago"
+                busy = busy if age < min_age else None
+        if busy is not None:
+            return busy
+    return None
 
 
 def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEntry | None:
@@ -151,7 +161,7 @@ def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEn
     ours = [f for f in files if written_by_a_save(f)]
     if not ours:
         return None  # not a checkpoint: leave other people's files alone
-    busy = _in_progress(sub, min_age)
+    busy = _in_progress(sub, files, min_age)
     # A saver publishes its manifest before it deletes its marker, so a save that committed
     # since the listing, its marker gone, shows its manifest now.
     if busy is None and sub.exists(MANIFEST):
