@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -595,3 +597,40 @@ def test_a_forced_save_of_the_restored_step_is_not_made_after_a_failed_one(
     assert manager.restore(state) == 8
     assert manager.maybe_save(8, state, force=True) is None
     manager.close()
+
+
+def test_a_memory_tier_directory_another_user_could_plant_in_is_refused(
+    tmp_path: pathlib.Path, shm: str
+) -> None:
+    """Restore trusts the memory tier. Its derived directory under the world-writable
+    /dev/shm/unickpt has a predictable name: another local user could make it first (or a
+    symlink in its place) and plant a checkpoint there that the run then resumed from and
+    drained to its durable tier (audit W). It is this user's alone now, mode 0700."""
+    disk = os.fspath(tmp_path / "run")
+    derived = CheckpointManager(["memory", disk]).tiers[0].root
+    try:
+        assert stat.S_IMODE(os.lstat(derived).st_mode) == 0o700
+        os.chmod(derived, 0o755)  # as earlier versions left it: every user could read it
+        CheckpointManager(["memory", disk])
+        assert stat.S_IMODE(os.lstat(derived).st_mode) == 0o700
+        os.rmdir(derived)
+        planted = tmp_path / "planted"
+        planted.mkdir()
+        os.symlink(planted, derived)
+        with pytest.raises(unickpt.StorageError, match="is a symlink: refused"):
+            CheckpointManager(["memory", disk])
+        os.symlink(planted, shm)
+        with pytest.raises(unickpt.StorageError, match="is a symlink: refused"):
+            CheckpointManager([f"memory://{shm}", disk])
+        os.unlink(derived)
+        if os.geteuid() == 0:  # only root can give a directory away
+            os.mkdir(derived)
+            os.chown(derived, 65534, 65534)
+            with pytest.raises(unickpt.StorageError, match=r"owned by another user \(uid 65534\)"):
+                CheckpointManager(["memory", disk])
+    finally:
+        if os.path.islink(derived):
+            os.unlink(derived)
+        shutil.rmtree(derived, ignore_errors=True)
+        if os.path.islink(shm):
+            os.unlink(shm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,35 @@ def _shared_root() -> None:
     except OSError as exc:
         raise StorageError(f"cannot create the memory tier's directory {SHM_ROOT}: {exc}") from exc
     os.chmod(SHM_ROOT, 0o1777)
+
+
+def _own_directory(path: str, *, private: bool) -> None:
+    """Make sure ``path`` is a directory of this user's (created if missing; ``private``: mode
+    0700, only this user can read or write it). Restore trusts what a memory tier holds, and
+    under a shared tmpfs another local user could otherwise have made the directory first,
+    or a symlink in its place, and planted a checkpoint there for the run to resume from."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StorageError(f"cannot create the memory tier's directory {path}: {exc}") from exc
+    try:
+        found = os.lstat(path)
+        if private and stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
+            os.chmod(path, 0o700)  # made by an earlier version, readable by every user
+    except OSError as exc:
+        raise StorageError(f"cannot check the memory tier's directory {path}: {exc}") from exc
+    if not stat.S_ISDIR(found.st_mode):
+        problem = "a symlink" if stat.S_ISLNK(found.st_mode) else "not a directory"
+    elif found.st_uid != os.geteuid():
+        problem = f"owned by another user (uid {found.st_uid})"
+    else:
+        return
+    raise StorageError(
+        f"the memory tier's directory {path} is {problem}: refused, as checkpoints found there "
+        "would be restored; remove it, or name another directory with 'memory:///DIR'"
+    )
 
 
 def _memory_dir(spec: str) -> str | None:
@@ -114,7 +144,15 @@ def parse_tiers(
             )
         _shared_root()
         memory = os.path.join(SHM_ROOT, _run_id(durable))
-    memory = os.path.abspath(memory)
+        _own_directory(memory, private=True)
+    else:
+        memory = os.path.abspath(memory)
+        try:
+            os.makedirs(os.path.dirname(memory), exist_ok=True)
+        except OSError as exc:
+            where = f"the memory tier's directory {memory}"
+            raise StorageError(f"cannot create {where}: {exc}") from exc
+        _own_directory(memory, private=False)
     return [
         Tier(f"{_MEMORY_URL}{memory}", memory, LocalStorage(memory, node_local=True), memory=True),
         *durable,
