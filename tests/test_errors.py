@@ -1029,3 +1029,24 @@ def test_a_save_beside_a_peers_reservation_is_refused_by_name(ckpt_root: str) ->
         text = _assert_prompt(message)
         assert text.startswith("InvalidStateError: ranks disagree on the save"), message
         assert "prepares its staging pool (reserve_staging) instead of saving" in text, message
+
+
+def test_a_checkpoint_deleted_while_being_read_is_not_found_not_corrupt(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention or gc of another job deleting it under an evaluation job's load: its files
+    are missing because it is gone, not because it is damaged (audit W)."""
+    from unickpt.storage import LocalStorage
+
+    path = f"{ckpt_root}/doomed"
+    unickpt.save(path, {"w": torch.ones(64)})
+    open_reader = LocalStorage.open_reader
+
+    def deleted_first(self: LocalStorage, name: str) -> Any:
+        if name.startswith("data/"):
+            shutil.rmtree(path, ignore_errors=True)
+        return open_reader(self, name)
+
+    monkeypatch.setattr(LocalStorage, "open_reader", deleted_first)
+    with pytest.raises(unickpt.CheckpointNotFoundError, match="deleted while it was being read"):
+        unickpt.load(path, {"w": torch.zeros(64)})

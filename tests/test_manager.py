@@ -11,6 +11,7 @@ import pathlib
 import random
 import shutil
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -812,3 +813,33 @@ def test_a_drain_failing_to_get_memory_on_one_rank_fails_on_every_rank(
         assert drained.endswith("s drained"), outcomes
     assert unickpt.inspect(os.path.join(tiers[1], "step_0000000002")).step == 2
     assert not os.path.exists(os.path.join(tiers[1], "step_0000000001", "manifest.json"))
+
+
+def test_a_candidate_deleted_under_restore_raises_instead_of_going_back(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another live job (a zombie of the previous run) deleting checkpoints while restore reads
+    them: restore took each for unusable, went back to older ones or returned None, and the
+    run started over (audit W)."""
+    import importlib
+
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    module = importlib.import_module("unickpt.manager.manager")
+    read_manifest = module.read_manifest
+
+    reads: list[str] = []
+
+    def deleted_first(storage: Any) -> Any:
+        reads.append(storage.url)
+        if reads.count(storage.url) == 2 and storage.url.endswith(CheckpointManager.name_for(2)):
+            shutil.rmtree(os.path.join(ckpt_root, CheckpointManager.name_for(2)))  # once listed
+        return read_manifest(storage)
+
+    monkeypatch.setattr(module, "read_manifest", deleted_first)
+    with pytest.raises(unickpt.CheckpointError, match=r"was deleted from .* while restore read it"):
+        CheckpointManager(ckpt_root).restore(_state(seed=9))
+    monkeypatch.setattr(module, "read_manifest", read_manifest)
+    assert _steps(CheckpointManager(ckpt_root)) == [1]  # nothing else was touched

@@ -58,6 +58,24 @@ _MAX_RNG_WORDS = 1 << 20  # a row is ~1.3k words (+ 2 per CUDA device); far more
 _UNUSABLE = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointNotFoundError)
 
 
+def _vanished(tier: Tier, name: str, error: BaseException) -> BaseException:
+    """``error``, or, if the manifest of ``name`` is gone (not found, or its data left without
+    it) from a durable tier that listed it committed moments ago, why that cannot be a bad
+    checkpoint: another job deleted it (a run still alive, its retention or gc). Restore then
+    raises rather than go back to an older step, or start over, and save over that job's
+    checkpoints; a memory tier misses what another node holds."""
+    gone = (CheckpointNotFoundError, IncompleteCheckpointError)
+    if tier.memory or not isinstance(error, gone):
+        return error
+    vanished = CheckpointError(
+        f"{name} was deleted from {tier.url} while restore read it ({error}): is another job "
+        "(an earlier run still alive, or its gc) using this run's checkpoints? Restore again "
+        "once only this run does"
+    )
+    vanished.__cause__ = error
+    return vanished
+
+
 @dataclass(frozen=True)
 class _Problem:
     """Why a restore candidate failed on some ranks, as every rank agreed; empty if it did not."""
@@ -741,7 +759,7 @@ class CheckpointManager:
                 try:
                     step = self._restore_from(tier, name, manifest, state, strict, verify)
                 except BaseException as exc:  # of any kind: the peers wait to hear of it
-                    error = exc
+                    error = _vanished(tier, name, exc)
                 problem = self._agree_on(f"restore of {name}", error)
                 if not problem:
                     log.info("unickpt: restored %s from %s", name, tier.url)
@@ -906,7 +924,7 @@ class CheckpointManager:
                             f"{storage.describe(file)} is missing or truncated on this node"
                         )
         except BaseException as exc:
-            error = exc
+            error = _vanished(tier, name, exc)
         problem = self._agree_on(f"reading {name} on {tier.url}", error)
         if problem:
             text = problem.text
