@@ -72,6 +72,23 @@ def test_schedule_and_retention(ckpt_root: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("keep_last", "keep_every", "kept"),
+    [(None, None, [0, 1, 2, 3, 4, 5, 6]), (1, 3, [0, 3, 6])],  # step 0 is divisible by 3
+)
+def test_retention_edges(
+    ckpt_root: str, keep_last: int | None, keep_every: int | None, kept: list[int]
+) -> None:
+    """keep_last=None keeps every checkpoint; keep_every keeps step 0 too."""
+    manager = CheckpointManager(
+        ckpt_root, every_n_steps=1, keep_last=keep_last, keep_every=keep_every, mode="sync"
+    )
+    for step in range(7):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    assert _steps(manager) == kept
+
+
 def test_restore_resumes_state_and_random_streams(ckpt_root: str) -> None:
     manager = CheckpointManager(ckpt_root, every_n_steps=3, mode="async")
     state = _state()
@@ -843,3 +860,28 @@ def test_a_candidate_deleted_under_restore_raises_instead_of_going_back(
         CheckpointManager(ckpt_root).restore(_state(seed=9))
     monkeypatch.setattr(module, "read_manifest", read_manifest)
     assert _steps(CheckpointManager(ckpt_root)) == [1]  # nothing else was touched
+
+
+def test_a_manifest_the_storage_fails_to_read_fails_restore_instead_of_going_back(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage error reading the newest manifest while listing says nothing of the
+    checkpoint: the tier cannot be listed now, and restore raises rather than resume from the
+    step before (the run would then save over the newest)."""
+    import importlib
+
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    module = importlib.import_module("unickpt.manager.manager")
+    read_manifest = module.read_manifest
+
+    def flaky(storage: Any) -> Any:
+        if storage.url.endswith(CheckpointManager.name_for(2)):
+            raise unickpt.StorageError(f"{storage.url}: connection reset")
+        return read_manifest(storage)
+
+    monkeypatch.setattr(module, "read_manifest", flaky)
+    with pytest.raises(unickpt.StorageError, match="cannot be listed now"):
+        CheckpointManager(ckpt_root).restore(_state(seed=9))

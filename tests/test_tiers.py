@@ -634,3 +634,30 @@ def test_a_memory_tier_directory_another_user_could_plant_in_is_refused(
         shutil.rmtree(derived, ignore_errors=True)
         if os.path.islink(shm):
             os.unlink(shm)
+
+
+def test_the_memory_tier_keeps_what_never_reached_a_slower_tier(
+    tmp_path: pathlib.Path, shm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep_in_memory=1 keeps only the newest of the checkpoints a slower tier holds: one whose
+    drain failed is its only copy, and stays however many newer ones come."""
+    import importlib
+
+    module = importlib.import_module("unickpt.manager.manager")
+    copy = module.drain
+
+    def failing(comm: Any, source: Storage, target: Storage, name: str, **kw: Any) -> Any:
+        if name != CheckpointManager.name_for(1):
+            raise unickpt.StorageError(f"{target.url}: disk full")
+        return copy(comm, source, target, name, **kw)
+
+    monkeypatch.setattr(module, "drain", failing)
+    tiers = [f"memory://{shm}", os.fspath(tmp_path / "disk")]
+    manager = CheckpointManager(tiers, every_n_steps=1, keep_in_memory=1, mode="sync")
+    for step in (1, 2, 3):
+        manager.maybe_save(step, rank_state(step, 0, 1))
+    with pytest.raises(unickpt.StorageError, match="disk full"):
+        manager.wait()
+    memory = LocalStorage(shm)
+    assert committed(memory) == [name(2), name(3)], "the only copies of steps 2 and 3"
+    assert committed(LocalStorage(tiers[1])) == [name(1)]
