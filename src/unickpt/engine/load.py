@@ -81,7 +81,9 @@ def load(
 
     A collective under torch.distributed: before any rank writes into its state, the ranks
     agree that each can load and that all load the same checkpoint; one rank's failure raises
-    on every rank.
+    on every rank. Reads go straight into ``state``: a load that fails after that agreement (a
+    file deleted or damaged under it) leaves ``state`` partly filled from the checkpoint, not
+    fit to train on; a checkpoint deleted while being read raises CheckpointNotFoundError.
     """
     comm = Comm()
     prepared: _PreparedLoad | None = None
