@@ -1031,8 +1031,9 @@ def test_a_save_beside_a_peers_reservation_is_refused_by_name(ckpt_root: str) ->
         assert "prepares its staging pool (reserve_staging) instead of saving" in text, message
 
 
+@pytest.mark.parametrize("reader", ["load", "verify"])
 def test_a_checkpoint_deleted_while_being_read_is_not_found_not_corrupt(
-    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
     """Retention or gc of another job deleting it under an evaluation job's load: its files
     are missing because it is gone, not because it is damaged (audit W)."""
@@ -1049,4 +1050,4 @@ def test_a_checkpoint_deleted_while_being_read_is_not_found_not_corrupt(
 
     monkeypatch.setattr(LocalStorage, "open_reader", deleted_first)
     with pytest.raises(unickpt.CheckpointNotFoundError, match="deleted while it was being read"):
-        unickpt.load(path, {"w": torch.zeros(64)})
+        read_with(reader, path, {"w": torch.zeros(64)})

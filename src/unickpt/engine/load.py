@@ -21,20 +21,18 @@ from unickpt.engine.comm import Comm
 from unickpt.engine.devices import DeviceWork
 from unickpt.errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     StateMismatchError,
     UnsafeCheckpointError,
-    UnsupportedFormatError,
     peer_error,
 )
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import torch_dtype
 from unickpt.format.manifest import (
-    MANIFEST,
     RESERVED_KEYS,
     Manifest,
     TensorMeta,
+    deleted_while_read,
     read_manifest,
 )
 from unickpt.layout.box import Box
@@ -104,24 +102,6 @@ def load(
     _agree(comm, error, None)  # fail together, so no rank trains on with a half-loaded peer
     assert result is not None
     return result
-
-
-def deleted_while_read(storage: Storage, error: BaseException) -> BaseException:
-    """``error``, or, if it is a file found missing or cut short while the checkpoint's
-    manifest has gone since (retention or gc of another job deleting it under the reader), a
-    :class:`CheckpointNotFoundError` saying so: the checkpoint is not corrupt, it is gone."""
-    if isinstance(error, CorruptCheckpointError) and not isinstance(error, UnsupportedFormatError):
-        try:
-            gone = not storage.exists(MANIFEST)
-        except Exception:  # cannot tell: the error stands as it is
-            gone = False
-        if gone:
-            deleted = CheckpointNotFoundError(
-                f"{storage.url} was deleted while it was being read ({error})"
-            )
-            deleted.__cause__ = error
-            return deleted
-    return error
 
 
 def _agree(comm: Comm, error: BaseException | None, prepared: _PreparedLoad | None) -> None:

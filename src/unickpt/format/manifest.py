@@ -258,6 +258,24 @@ def written_by_a_save(path: str) -> bool:
     return top == DATA_DIR and _DATA_FILE.fullmatch(rest) is not None
 
 
+def deleted_while_read(storage: Storage, error: BaseException) -> BaseException:
+    """``error``, or, if it says a file is missing or cut short and the checkpoint's manifest
+    has gone since (retention or gc of another job deleting it under the reader), a
+    :class:`CheckpointNotFoundError` saying so: the checkpoint is not corrupt, it is gone."""
+    if isinstance(error, CorruptCheckpointError) and not isinstance(error, UnsupportedFormatError):
+        try:
+            gone = not storage.exists(MANIFEST)
+        except Exception:  # cannot tell: the error stands as it is
+            gone = False
+        if gone:
+            deleted = CheckpointNotFoundError(
+                f"{storage.url} was deleted while it was being read ({error})"
+            )
+            deleted.__cause__ = error
+            return deleted
+    return error
+
+
 def read_manifest(storage: Storage) -> Manifest:
     """The committed manifest of the checkpoint rooted at ``storage``.
 

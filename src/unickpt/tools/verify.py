@@ -18,6 +18,7 @@ from unickpt.format.manifest import (
     MAX_DIMS,
     Chunk,
     Manifest,
+    deleted_while_read,
     read_manifest,
 )
 from unickpt.format.safetensors_file import read_header
@@ -58,7 +59,8 @@ def verify(
     """Return normally only if the checkpoint is committed and every byte checks out.
 
     Raises CorruptCheckpointError listing every problem found (tensor, chunk, file), or the
-    error of :func:`unickpt.inspect` when the manifest itself is missing or unreadable.
+    error of :func:`unickpt.inspect` when the manifest itself is missing or unreadable
+    (CheckpointNotFoundError too if the checkpoint was deleted while being verified).
     ``progress(done, total)`` is called with bytes checked so far, e.g. to drive a progress bar.
     """
     storage = open_storage(path, storage_options)
@@ -95,10 +97,11 @@ def verify(
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise CorruptCheckpointError(
+        failed = CorruptCheckpointError(
             f"checkpoint {storage.url} failed verification "
             f"({len(problems)} problem(s)):\n{listed}{more}"
         )
+        raise deleted_while_read(storage, failed)  # gone since it was read: not corrupt
     return VerifyReport(
         storage.url,
         len(manifest.tensors),
