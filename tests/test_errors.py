@@ -1051,3 +1051,12 @@ def test_a_checkpoint_deleted_while_being_read_is_not_found_not_corrupt(
     monkeypatch.setattr(LocalStorage, "open_reader", deleted_first)
     with pytest.raises(unickpt.CheckpointNotFoundError, match="deleted while it was being read"):
         read_with(reader, path, {"w": torch.zeros(64)})
+
+
+def test_a_tensor_of_more_dimensions_than_a_checkpoint_holds_is_refused_by_name(
+    ckpt_root: str,
+) -> None:
+    """It failed with numpy's bare ValueError while writing."""
+    with pytest.raises(unickpt.InvalidStateError, match=r"'w' has 65 dimensions; .* at most 64"):
+        unickpt.save(f"{ckpt_root}/deep", {"w": torch.ones([1] * 65)})
+    assert not os.path.exists(f"{ckpt_root}/deep/manifest.json")

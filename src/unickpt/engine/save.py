@@ -51,6 +51,7 @@ from unickpt.errors import (
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
     INFLIGHT,
+    MAX_DIMS,
     Chunk,
     Manifest,
     TensorMeta,
@@ -170,6 +171,12 @@ def _collect(
                 view = collect_for_save(state, allow_pickle=allow_pickle, snapshot_buffers=lazy)
             if rank == 0:
                 _add_opaque(view)
+            for key, shard in view.shards.items():
+                if len(shard.global_shape) > MAX_DIMS:
+                    raise InvalidStateError(
+                        f"tensor {key!r} has {len(shard.global_shape)} dimensions; a "
+                        f"checkpoint holds at most {MAX_DIMS} (numpy's limit): reshape it"
+                    )
             metas = [
                 ShardMeta(
                     key,
