@@ -288,6 +288,8 @@ def start(
     _ensure_group()
     distributed = _group is not None
     handle = SaveHandle(path)
+    with _lock:  # before staging, which may raise on this rank alone: admit() stays collective
+        _started_any = True
     if not lazy:
         _jobs.wait()  # a reservation may still be filling the pool
         try:
@@ -324,7 +326,7 @@ def start(
             _forget(handle)
 
     with _lock:
-        _in_flight, _started_any = handle, True
+        _in_flight = handle
         if lazy:
             _lazy_pending = handle
     _jobs.submit(run)

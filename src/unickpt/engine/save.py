@@ -479,7 +479,10 @@ def _save(
         with _abandon_on_failure(prepared, comm):
             return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
 
-    return background.start(prepared.url, stage, finish, lazy=mode == "lazy")
+    # An interrupt (KeyboardInterrupt, SystemExit) in the call is the caller's: staged here, not
+    # in the background, it reaches the caller once the peers were told of it.
+    interrupted = prepared.error is not None and not isinstance(prepared.error, Exception)
+    return background.start(prepared.url, stage, finish, lazy=mode == "lazy" and not interrupted)
 
 
 def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> background.SaveHandle:
