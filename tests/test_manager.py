@@ -832,21 +832,26 @@ def test_a_drain_failing_to_get_memory_on_one_rank_fails_on_every_rank(
     assert not os.path.exists(os.path.join(tiers[1], "step_0000000001", "manifest.json"))
 
 
+def _steps_1_and_2_saved(root: str) -> Any:
+    """Commit steps 1 and 2 under ``root``; return the manager's module, whose read_manifest
+    the tests below replace to fail as they need."""
+    import importlib
+
+    manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
+    for step in (1, 2):
+        manager.maybe_save(step, _state(seed=step))
+    manager.close()
+    return importlib.import_module("unickpt.manager.manager")
+
+
 def test_a_candidate_deleted_under_restore_raises_instead_of_going_back(
     ckpt_root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another live job (a zombie of the previous run) deleting checkpoints while restore reads
     them: restore took each for unusable, went back to older ones or returned None, and the
     run started over (audit W)."""
-    import importlib
-
-    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
-    for step in (1, 2):
-        manager.maybe_save(step, _state(seed=step))
-    manager.close()
-    module = importlib.import_module("unickpt.manager.manager")
+    module = _steps_1_and_2_saved(ckpt_root)
     read_manifest = module.read_manifest
-
     reads: list[str] = []
 
     def deleted_first(storage: Any) -> Any:
@@ -868,13 +873,7 @@ def test_a_manifest_the_storage_fails_to_read_fails_restore_instead_of_going_bac
     """A storage error reading the newest manifest while listing says nothing of the
     checkpoint: the tier cannot be listed now, and restore raises rather than resume from the
     step before (the run would then save over the newest)."""
-    import importlib
-
-    manager = CheckpointManager(ckpt_root, every_n_steps=1, keep_last=5, mode="sync")
-    for step in (1, 2):
-        manager.maybe_save(step, _state(seed=step))
-    manager.close()
-    module = importlib.import_module("unickpt.manager.manager")
+    module = _steps_1_and_2_saved(ckpt_root)
     read_manifest = module.read_manifest
 
     def flaky(storage: Any) -> Any:
