@@ -732,3 +732,72 @@ def test_reading_into_a_tensor_of_a_pending_lazy_save_waits_for_its_copy(ckpt_ro
     target = {"w": torch.zeros(64)}
     unickpt.load(storage.root, target)
     assert torch.equal(target["w"], torch.ones(64)), "the snapshot was overwritten"
+
+
+def test_a_save_that_waits_its_turn_starts_after_the_one_in_flight(ckpt_root: str) -> None:
+    """With ``if_busy="wait"`` a save started while another is in flight waits for it: one
+    that went ahead would run beside it, and the two would share the staging pool."""
+    state = {"w": torch.ones(1024)}
+    storage = GatedLocal(f"{ckpt_root}/first")  # holds the first save in flight
+    first = unickpt.save(storage, state, mode="lazy")
+    threading.Timer(0.5, storage.gate.set).start()
+    second = unickpt.save(f"{ckpt_root}/second", state, mode="sync", if_busy="wait")
+    assert first.done, "the second save returned while the first was still in flight"
+    assert first.wait() is not None and second.bytes_written > 0
+    for path in (storage.root, f"{ckpt_root}/second"):
+        target = {"w": torch.zeros(1024)}
+        unickpt.load(path, target)
+        assert torch.equal(target["w"], state["w"])
+
+
+@pytest.mark.usefixtures("unwritable_data_files")
+def test_staged_raises_the_error_of_a_failed_background_save(ckpt_root: str) -> None:
+    """A loop that only ever calls ``staged()`` (to know when it may update the state) must
+    still learn that the save failed, once it has."""
+    handle = unickpt.save(f"{ckpt_root}/broken", {"w": torch.ones(10)}, mode="async")
+    with pytest.raises(unickpt.StorageError, match="nothing was committed") as waited:
+        handle.wait()
+    with pytest.raises(unickpt.StorageError) as staged:
+        handle.staged()
+    assert staged.value is waited.value
+
+
+def test_the_pool_frees_the_old_layout_before_allocating_the_new(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the state's layout changes, the buffers of the old one are freed before the new
+    ones are allocated: extra host memory peaks at the larger layout, not at both."""
+    allocations = count_pool_allocations(monkeypatch.setattr)
+    allocate = background._aligned_buffer
+    buffers: list[weakref.ref[torch.Tensor]] = []
+    alive_at_allocation: list[int] = []
+
+    def watched(nbytes: int) -> torch.Tensor:
+        alive_at_allocation.append(sum(ref() is not None for ref in buffers))
+        buffer = allocate(nbytes)
+        buffers.append(weakref.ref(buffer))
+        return buffer
+
+    monkeypatch.setattr(background, "_aligned_buffer", watched)
+    for name, numel in (("small", 1 << 14), ("large", 1 << 16)):
+        handle = unickpt.save(f"{ckpt_root}/{name}", {"w": torch.ones(numel)}, mode="async")
+        assert handle.wait() is not None
+    assert len(allocations) == 2 and allocations[0] < allocations[1], allocations
+    assert alive_at_allocation == [0, 0], "the old buffer was alive when the new one was made"
+    assert background.POOL.nbytes == allocations[1]
+
+
+def test_a_tensor_shrunk_before_its_lazy_copy_fails_the_save(ckpt_root: str) -> None:
+    """A tensor resized smaller between a lazy save's call and its copy (an inference tensor:
+    no version counter tells) fails the save: copying the size planned at the call reads past
+    the tensor's end and commits bytes it no longer holds."""
+    with torch.inference_mode():
+        weights = torch.arange(1024, dtype=torch.float32)
+    storage = GatedLocal(f"{ckpt_root}/shrunk")  # the copy has not started when it shrinks
+    handle = unickpt.save(storage, {"w": weights}, mode="lazy")
+    with torch.inference_mode():
+        weights.resize_(16)
+    storage.gate.set()
+    with pytest.raises(unickpt.StateChangedError, match="'w' changed size since the save"):
+        handle.wait()
+    assert not os.path.exists(f"{storage.root}/manifest.json"), "the shrunk state was committed"

@@ -245,6 +245,18 @@ def test_split_is_limited_by_holders_and_size() -> None:
     assert counts == {"mid": 3, "pair": 2}, "pieces = min(holders, nbytes // SPLIT_BYTES)"
 
 
+def test_split_never_makes_more_pieces_than_rows() -> None:
+    """A large tensor with fewer rows than holders is cut into one piece per row: more pieces
+    would be empty boxes, each an empty chunk in the manifest and a write for nothing."""
+    short = full("short", (2, 4 * SPLIT_BYTES), "int8")  # 8 x SPLIT_BYTES, but 2 rows
+    per_rank = [[short]] * 8
+    plan = build_save_plan(per_rank)
+    check_plan(per_rank, plan)
+    pieces = sorted((box for key, box in writers(plan) if key == "short"), key=offsets)
+    assert pieces == [Box.of((i, 0), (1, 4 * SPLIT_BYTES)) for i in range(2)], pieces
+    assert all(box.volume > 0 for writes in plan.writes for _, box in writes)
+
+
 # ------------------------------------------------------------------------- invalid layouts
 
 

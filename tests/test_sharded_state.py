@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
 from typing import Any
@@ -509,3 +510,38 @@ def test_a_load_state_dict_without_strict_is_called_plainly(tmp_path: pathlib.Pa
     target = _OneArgumentLoad()
     unickpt.load(str(tmp_path / "c"), {"ema": target})
     assert torch.equal(target.shadow.running_mean, source.shadow.running_mean)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column slice"])
+def test_a_non_contiguous_target_is_filled_in_place(tmp_path: pathlib.Path, layout: str) -> None:
+    """A target whose memory is not one row-major run (a transposed weight, a slice of a larger
+    buffer) cannot take the file's bytes as they are: reading into a flattened copy of it left
+    the target unchanged and the load reported success."""
+    saved = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    unickpt.save(str(tmp_path / "c"), {"w": saved})
+    backing = torch.zeros(8, 4) if layout == "transposed" else torch.zeros(4, 16)
+    target = backing.t() if layout == "transposed" else backing[:, 4:12]
+    assert target.shape == (4, 8) and not target.is_contiguous()
+    unickpt.load(str(tmp_path / "c"), {"w": target})
+    assert torch.equal(target, saved), "the load did not reach the target's own memory"
+    if layout == "column slice":  # and nothing beside the slice was written
+        assert not backing[:, :4].any() and not backing[:, 12:].any()
+
+
+def test_a_damaged_pickled_entry_is_refused(tmp_path: pathlib.Path) -> None:
+    """A pickled entry's bytes are checked against the manifest before they are unpickled: a
+    flipped byte inside the pickle otherwise loads as a silently different object (or runs
+    whatever the damaged opcodes say)."""
+    path = tmp_path / "c"
+    unickpt.save(str(path), {"w": torch.ones(2), "tags": {"A" * 64}}, allow_pickle=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (chunk,) = manifest["tensors"]["tags"]["chunks"]
+    data = path / chunk["file"]
+    raw = bytearray(data.read_bytes())
+    at = raw.index(b"A" * 64, chunk["offset"], chunk["offset"] + chunk["nbytes"])
+    raw[at + 10] = ord("B")
+    data.write_bytes(bytes(raw))
+    target: dict[str, Any] = {"w": torch.zeros(2), "tags": None}
+    with pytest.raises(unickpt.CorruptCheckpointError, match=r"checksum mismatch .*'tags"):
+        unickpt.load(str(path), target, allow_pickle=True)
+    assert target["tags"] is None

@@ -20,6 +20,7 @@ from unickpt.storage import (
     LocalStorage,
     MemoryStorage,
     RateLimit,
+    Reader,
     Storage,
     as_rate_limit,
     open_storage,
@@ -325,3 +326,67 @@ def test_rate_limit_is_optional_and_validated() -> None:
     for bad in (float("nan"), float("inf"), "1e9"):
         with pytest.raises(ValueError, match="must be a finite number"):
             RateLimit(bad)  # type: ignore[arg-type]
+
+
+def test_a_file_cut_short_under_its_reader_is_reported(tmp_path: os.PathLike[str]) -> None:
+    """A file truncated after its reader opened it (and checked its size) makes the OS return
+    no bytes at all: the read must say the file ended early, not retry the same offset forever."""
+    storage = LocalStorage(os.fspath(tmp_path))
+    storage.put_atomic("data/f.bin", bytes(range(100)))
+    path = os.path.join(os.fspath(tmp_path), "data", "f.bin")
+    outcome: list[BaseException | None] = []
+
+    def read(reader: Reader) -> None:
+        try:
+            reader.read(0, 100)
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    with storage.open_reader("data/f.bin") as reader:
+        os.truncate(path, 10)
+        thread = threading.Thread(target=read, args=(reader,), daemon=True)
+        thread.start()
+        thread.join(5)
+        hung = thread.is_alive()
+        if hung:  # give the stuck read its bytes back, so that it ends
+            os.truncate(path, 100)
+            thread.join(5)
+    assert not hung, "the read of a truncated file never returned"
+    (error,) = outcome
+    assert isinstance(error, unickpt.CorruptCheckpointError), error
+    assert "data/f.bin ended early at byte 10" in str(error)
+
+
+def test_files_are_fsynced_before_they_are_published(tmp_path: os.PathLike[str]) -> None:
+    """A rename can reach the disk before the data it names: a data file, the in-flight marker or
+    the manifest renamed into place unsynced can survive a power cut as a name over empty or
+    partial contents, and the manifest then vouches for zeros."""
+    events: list[tuple[str, str]] = []
+    real = {name: getattr(os, name) for name in ("fsync", "replace", "link", "rename")}
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real["fsync"](fd)
+
+    def publisher(name: str) -> object:
+        def publish(src: str, dst: str, *args: object, **kwargs: object) -> None:
+            events.append(("publish", os.path.realpath(src)))
+            real[name](src, dst, *args, **kwargs)
+
+        return publish
+
+    path = os.path.join(os.fspath(tmp_path), "ck")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        for name in ("replace", "link", "rename"):
+            patch.setattr(os, name, publisher(name))
+        unickpt.save(path, {"w": torch.ones(4)})
+    published = [src for kind, src in events if kind == "publish" and ".tmp-" in src]
+    names = sorted(os.path.basename(src).split(".tmp-")[0] for src in published)
+    assert names[:2] == ["_inflight.json", "manifest.json"], names
+    assert len(names) == 3 and names[2].endswith(".safetensors"), names
+    for src in published:
+        publish = events.index(("publish", src))
+        assert ("fsync", src) in events[:publish], f"{src} was published before an fsync"

@@ -7,6 +7,10 @@ safetensors library among them) read the header, and refuse the whole file over 
   verify reports the file, unless the safetensors library still reads the same tensors.
 * Crafted headers (valid JSON, the manifest's entries intact): each is reported, naming the file,
   in a message of bounded length, never with an exception other than CorruptCheckpointError.
+
+The manifest that points into those files is checked as it is read: a chunk whose fields
+contradict each other or its file, or a manifest larger than readers accept, is reported naming
+the field (or the size) before any data is read.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.torch import load_file
 
 import unickpt
 from unickpt import CorruptCheckpointError
+from unickpt.format import manifest as manifest_format
 
 
 def _checkpoint(tmp_path: Path) -> tuple[str, Path]:
@@ -121,3 +126,61 @@ def test_crafted_headers_are_reported_naming_the_file(
     message = str(caught.value)
     assert f"{data.name}: safetensors header" in message, message
     assert len(message) < 2000 and "\x1b" not in message, message
+
+
+def _file_size(manifest: dict[str, Any], chunk: dict[str, Any]) -> int:
+    return int(manifest["files"][chunk["file"]])
+
+
+CRAFTED_CHUNKS: dict[str, tuple[Callable[[dict[str, Any], dict[str, Any]], None], str]] = {
+    "nbytes not the sizes' bytes": (
+        lambda manifest, chunk: chunk.update(nbytes=chunk["nbytes"] - 4),
+        r"\.nbytes: 60 does not match sizes \[4, 4\] of float32",
+    ),
+    "bytes running past the file's end": (
+        lambda manifest, chunk: chunk.update(offset=_file_size(manifest, chunk) - 4),
+        r"\.offset: bytes \[\d+, \d+\) lie outside",
+    ),
+    "checksum in capitals": (
+        lambda manifest, chunk: chunk.update(xxh3="F" + chunk["xxh3"][1:].upper()),
+        r"\.xxh3: '[0-9A-F]{16}' is not 16 lowercase hex digits",
+    ),
+    "checksum too short": (
+        lambda manifest, chunk: chunk.update(xxh3=chunk["xxh3"][:15]),
+        r"\.xxh3: '[0-9a-f]{15}' is not 16 lowercase hex digits",
+    ),
+}
+
+
+@pytest.mark.parametrize(("change", "field"), CRAFTED_CHUNKS.values(), ids=CRAFTED_CHUNKS.keys())
+def test_crafted_manifest_chunks_are_reported_naming_the_field(
+    tmp_path: Path, change: Callable[[dict[str, Any], dict[str, Any]], None], field: str
+) -> None:
+    """A chunk's byte count, its place in its file and its checksum are checked against each
+    other and the file's size as the manifest is read: otherwise a reader trusts them, reading
+    another tensor's bytes or past the file, or never matching a checksum it cannot compare."""
+    path, _ = _checkpoint(tmp_path)
+    manifest_file = Path(path) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    (chunk,) = manifest["tensors"]["w"]["chunks"]
+    change(manifest, chunk)
+    manifest_file.write_text(json.dumps(manifest))
+    for read in (unickpt.inspect, unickpt.verify):
+        with pytest.raises(CorruptCheckpointError, match=r"tensors\['w'\]\.chunks\[0\]" + field):
+            read(path)
+
+
+def test_a_manifest_over_the_size_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is untrusted input read whole into memory: one larger than readers accept
+    (a damaged or hostile file, gigabytes long) is refused by its size, not parsed."""
+    path, _ = _checkpoint(tmp_path)
+    size = (Path(path) / "manifest.json").stat().st_size
+    monkeypatch.setattr(manifest_format, "MAX_MANIFEST_BYTES", size - 1)
+    with pytest.raises(
+        CorruptCheckpointError, match=rf"manifest\.json is {size} bytes, more than the {size - 1}"
+    ):
+        unickpt.inspect(path)
+    monkeypatch.setattr(manifest_format, "MAX_MANIFEST_BYTES", size)  # at the limit: read
+    assert unickpt.inspect(path).step == 1
