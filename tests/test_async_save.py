@@ -688,6 +688,19 @@ def test_a_failed_background_save_lets_the_state_go(ckpt_root: str) -> None:
     gc.collect()  # the error and the frame it was raised into hold each other
     assert model() is None, "the failed save still holds the state it was given"
 
+    def kept_failed_save() -> tuple[weakref.ref[torch.Tensor], unickpt.SaveHandle]:
+        weights = torch.ones(1 << 16)
+        handle = unickpt.save(f"{ckpt_root}/kept", {"w": weights}, mode="lazy")
+        while not handle.done:  # not waited on: its error stays in the handle
+            time.sleep(0.01)
+        return weakref.ref(weights), handle
+
+    weights, handle = kept_failed_save()  # as a manager keeps its newest save's handle
+    gc.collect()
+    assert weights() is None, "a failed save's kept handle still holds the state"
+    with pytest.raises(unickpt.StorageError):
+        handle.wait()
+
 
 def test_if_busy_is_checked() -> None:
     with pytest.raises(ValueError, match="if_busy must be 'wait' or 'skip', not 'Skip'"):

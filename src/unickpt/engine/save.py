@@ -238,6 +238,12 @@ class PreparedSave(_Collected):
     user_metadata: dict[str, Any] | None
     write_limit: RateLimit | None
 
+    def let_go(self) -> None:
+        """Drop the references to the saved state: a failed background save's handle keeps its
+        error, whose traceback keeps these frames' functions, whose closures keep this."""
+        self.view = SaveView()
+        self.versions = {}
+
     @property
     def storage(self) -> Storage:
         """The storage saved to; used only once the first collective found no rank failing."""
@@ -309,6 +315,16 @@ def _abandon_on_failure(prepared: PreparedSave, comm: Comm) -> Iterator[None]:
         if comm.rank == 0 and prepared.error is None:
             with contextlib.suppress(Exception):
                 prepared.storage.delete(INFLIGHT)
+        raise
+
+
+@contextlib.contextmanager
+def _let_go_on_failure(prepared: PreparedSave) -> Iterator[None]:
+    """A background save that fails before its last step lets go of its state too."""
+    try:
+        yield
+    except BaseException:
+        prepared.let_go()
         raise
 
 
@@ -456,7 +472,7 @@ def _save(
     def stage() -> None:  # in the caller (async) or in the background (lazy)
         comm = background.checkpoint_comm()
         _claim(prepared, comm.rank)
-        with _abandon_on_failure(prepared, comm):
+        with _abandon_on_failure(prepared, comm), _let_go_on_failure(prepared):
             planned = _plan(prepared, comm)
             with prepared.timer("stage"):
                 try:
@@ -476,8 +492,11 @@ def _save(
 
     def finish() -> SaveResult:
         comm = background.checkpoint_comm()
-        with _abandon_on_failure(prepared, comm):
-            return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
+        try:
+            with _abandon_on_failure(prepared, comm):
+                return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
+        finally:
+            prepared.let_go()
 
     # An interrupt (KeyboardInterrupt, SystemExit) in the call is the caller's: staged here, not
     # in the background, it reaches the caller once the peers were told of it.
