@@ -767,11 +767,12 @@ def test_rng_states_of_another_setup_are_not_restored_and_the_checkpoint_is(
 
 
 def _construct_with_a_bad_tier_on_rank_1(rank: int, world_size: int, root: str) -> str:
-    tiers: list[str] = [root] if rank == 0 else []  # a list built from an unset variable
+    slow = f"{root}/slow"
+    fast = f"{root}/fast" if rank == 0 else "memory://fast"  # not an absolute directory
     started = time.monotonic()
     try:
-        CheckpointManager(tiers)
-    except (unickpt.CheckpointError, ValueError) as exc:
+        CheckpointManager([fast, slow])
+    except unickpt.CheckpointError as exc:
         return f"{time.monotonic() - started:.1f}s {type(exc).__name__}: {exc}"
     return "constructed"
 
@@ -782,10 +783,22 @@ def test_one_ranks_bad_tiers_fail_every_ranks_manager_at_once(ckpt_root: str) ->
     )
     for message in (first, second):
         assert float(message.partition("s ")[0]) < 20, message  # not the 30 s timeout
-    assert "ValueError: a CheckpointManager needs at least one tier" in second
+    assert "StorageError: tier 'memory://fast': a memory tier is 'memory' or" in second
     assert first.partition("s ")[2].startswith(
-        "CheckpointError: creating the CheckpointManager failed on rank 1: ValueError"
+        "StorageError: creating the CheckpointManager failed on rank 1: StorageError"
     ), first
+
+
+def _list_on_rank_0_alone(rank: int, world_size: int, root: str) -> list[int | None]:
+    if rank == 0:  # a rank's own view of one tier: no collective, its peers need not join
+        return _steps(CheckpointManager(root))
+    return []
+
+
+def test_a_one_tier_manager_made_on_one_rank_lists_without_its_peers(ckpt_root: str) -> None:
+    CheckpointManager(ckpt_root, every_n_steps=1, mode="sync").maybe_save(1, _state())
+    results = run_distributed(2, _list_on_rank_0_alone, ckpt_root, pg_timeout=10, timeout=60)
+    assert results == [[1], []]
 
 
 def _drain_without_memory_on_rank_1(rank: int, world_size: int, tiers: list[str]) -> list[str]:
@@ -884,3 +897,28 @@ def test_a_manifest_the_storage_fails_to_read_fails_restore_instead_of_going_bac
     monkeypatch.setattr(module, "read_manifest", flaky)
     with pytest.raises(unickpt.StorageError, match="cannot be listed now"):
         CheckpointManager(ckpt_root).restore(_state(seed=9))
+
+
+def test_an_interrupt_while_an_async_save_copies_reaches_the_loop(
+    ckpt_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or a preemption handler's sys.exit) during the copy of an async save stops the
+    loop; a retry of the step saves it."""
+    import importlib
+
+    save_module = importlib.import_module("unickpt.engine.save")
+    stage_file = save_module.stage_file
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    manager = CheckpointManager(ckpt_root, every_n_steps=1, mode="async")
+    monkeypatch.setattr(save_module, "stage_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        manager.maybe_save(1, _state(seed=1))
+    monkeypatch.setattr(save_module, "stage_file", stage_file)
+    manager.wait()  # the interrupted save is not the loop's to hear of again
+    manager.maybe_save(1, _state(seed=1))
+    manager.close()
+    restored = _state(seed=9)
+    assert CheckpointManager(ckpt_root).restore(restored) == 1

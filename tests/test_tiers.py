@@ -619,9 +619,8 @@ def test_a_memory_tier_directory_another_user_could_plant_in_is_refused(
         os.symlink(planted, derived)
         with pytest.raises(unickpt.StorageError, match="is a symlink: refused"):
             CheckpointManager(["memory", disk])
-        os.symlink(planted, shm)
-        with pytest.raises(unickpt.StorageError, match="is a symlink: refused"):
-            CheckpointManager([f"memory://{shm}", disk])
+        os.symlink(planted, shm)  # one the caller names is the caller's to secure (k8s emptyDir)
+        CheckpointManager([f"memory://{shm}", disk])
         os.unlink(derived)
         if os.geteuid() == 0:  # only root can give a directory away
             os.mkdir(derived)

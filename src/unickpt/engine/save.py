@@ -468,6 +468,7 @@ def _save(
             prepared.device_work.wait()  # before the writer threads read the live tensors
             return _commit(prepared, planned, _write(prepared, planned, comm), comm)
     staged: list[_Planned] = []  # filled by stage(), read by finish()
+    interrupts: list[BaseException] = []  # a Ctrl-C, say, in an async copy: the caller's
 
     def stage() -> None:  # in the caller (async) or in the background (lazy)
         comm = background.checkpoint_comm()
@@ -484,6 +485,8 @@ def _save(
                     planned.images = images
                 except BaseException as failure:  # told to the peers at the commit
                     planned.error = failure
+                    if not isinstance(failure, Exception):
+                        interrupts.append(failure)
                     try:  # a state changed under the copy (resized, say) explains any failure
                         _check_unchanged(prepared)
                     except StateChangedError as changed:
@@ -492,6 +495,12 @@ def _save(
 
     def finish() -> SaveResult:
         comm = background.checkpoint_comm()
+        if interrupts:  # raised in the caller already (below)
+            staged[0].error = CheckpointError(
+                f"save to {prepared.url} was interrupted while copying the state "
+                f"({type(interrupts[0]).__name__}); nothing was committed"
+            )
+            staged[0].error.__cause__ = interrupts[0]
         try:
             with _abandon_on_failure(prepared, comm):
                 return _commit(prepared, staged[0], _write(prepared, staged[0], comm), comm)
@@ -501,7 +510,10 @@ def _save(
     # An interrupt (KeyboardInterrupt, SystemExit) in the call is the caller's: staged here, not
     # in the background, it reaches the caller once the peers were told of it.
     interrupted = prepared.error is not None and not isinstance(prepared.error, Exception)
-    return background.start(prepared.url, stage, finish, lazy=mode == "lazy" and not interrupted)
+    handle = background.start(prepared.url, stage, finish, lazy=mode == "lazy" and not interrupted)
+    if interrupts and mode == "async":  # the commit in the background tells the peers
+        raise interrupts[0]
+    return handle
 
 
 def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> background.SaveHandle:
@@ -602,7 +614,13 @@ def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, A
         error = f"rank {comm.rank} staging: {kind}: {planned.error}"
         return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
     with prepared.timer("write"):
-        return _write_files(prepared, comm.rank, planned)
+        try:
+            return _write_files(prepared, comm.rank, planned)
+        except BaseException as exc:  # an interrupt while waiting on the writers: raised once
+            planned.error = exc  # the commit has told the peers
+            kind = type(exc).__name__
+            error = f"rank {comm.rank} interrupted while writing: {kind}: {exc}"
+            return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
 
 
 def _commit(
@@ -641,12 +659,16 @@ def _commit(
                         "message": f"{type(exc).__name__}: {exc}",
                         "type": type(exc).__name__ if ours else "StorageError",
                     }
+                except BaseException as exc:  # an interrupt: raised here once the peers know
+                    planned.error = exc
+                    failed = {"message": f"rank 0 interrupted while committing: {exc!r}"}
+                    failed["type"] = type(exc).__name__
                 else:
                     with contextlib.suppress(Exception):  # committed; leftovers are only clutter
                         tidy(storage, manifest)
         failed = json.loads(comm.broadcast_bytes(json.dumps(failed).encode()))
         if planned.error is not None:
-            raise planned.error  # this rank's own staging failure, as raised
+            raise planned.error  # this rank's own failure, as raised
         if failed.get("exists"):
             raise CheckpointExistsError(
                 f"save to {storage.url}: another save committed a checkpoint there first "

@@ -42,7 +42,7 @@ from unickpt.layout.sharded import ShardedTensor
 from unickpt.layout.state import check_state, plain_step
 from unickpt.manager import rng
 from unickpt.manager.drain import DrainError, drain
-from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers
+from unickpt.manager.tiers import RootOrTiers, Tier, parse_tiers, tier_count
 from unickpt.storage import as_rate_limit
 
 log = logging.getLogger("unickpt")
@@ -217,9 +217,9 @@ class CheckpointManager:
             self.tiers = parse_tiers(root_or_tiers, storage_options)
         except BaseException as exc:  # one rank's bad path or option: told to the others
             error = exc
-        if self._comm.world_size > 1:
-            self._agree_on_tiers(error)
-        elif error is not None:
+        if self._comm.world_size > 1 and tier_count(root_or_tiers) > 1:
+            self._agree_on_tiers(error)  # a collective one-tier managers never had: rank 0
+        elif error is not None:  # alone may make one to list (latest(), list())
             raise error
         self.root = self.tiers[0].root
         self.every_n_steps = every_n_steps
@@ -533,7 +533,7 @@ class CheckpointManager:
             if handle is not None:
                 try:
                     handle.wait()
-                except Exception as exc:  # every rank sees the same failed save
+                except BaseException as exc:  # every rank sees the same failed save
                     log.error("unickpt: checkpoint %s failed: %s", name, str(exc))
                     with self._lock:
                         self._failed_saves.append(f"{name}: {type(exc).__name__}: {exc}")

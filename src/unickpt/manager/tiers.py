@@ -45,6 +45,16 @@ class Tier:
         return f"{self.root.rstrip('/')}/{name}"
 
 
+def tier_count(root_or_tiers: RootOrTiers) -> int:
+    """How many tiers the caller named, whether or not they make sense."""
+    if isinstance(root_or_tiers, str | os.PathLike):
+        return 1
+    try:
+        return len(root_or_tiers)
+    except TypeError:
+        return 1
+
+
 def _run_id(durable: Sequence[Tier]) -> str:
     """A directory name that is the same for every rank and every restart of one run: the last
     component of the first slower tier (for humans) and a digest of all their URLs."""
@@ -65,11 +75,11 @@ def _shared_root() -> None:
     os.chmod(SHM_ROOT, 0o1777)
 
 
-def _own_directory(path: str, *, private: bool) -> None:
-    """Make sure ``path`` is a directory of this user's (created if missing; ``private``: mode
-    0700, only this user can read or write it). Restore trusts what a memory tier holds, and
-    under a shared tmpfs another local user could otherwise have made the directory first,
-    or a symlink in its place, and planted a checkpoint there for the run to resume from."""
+def _private_directory(path: str) -> None:
+    """Make sure ``path`` is a directory only this user can read or write (mode 0700; created
+    if missing). Restore trusts what a memory tier holds, and under the shared SHM_ROOT, its
+    name predictable, another local user could otherwise have made it first, or a symlink in
+    its place, and planted a checkpoint there for the run to resume from."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -78,7 +88,7 @@ def _own_directory(path: str, *, private: bool) -> None:
         raise StorageError(f"cannot create the memory tier's directory {path}: {exc}") from exc
     try:
         found = os.lstat(path)
-        if private and stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
+        if stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
             os.chmod(path, 0o700)  # made by an earlier version, readable by every user
     except OSError as exc:
         raise StorageError(f"cannot check the memory tier's directory {path}: {exc}") from exc
@@ -90,7 +100,7 @@ def _own_directory(path: str, *, private: bool) -> None:
         return
     raise StorageError(
         f"the memory tier's directory {path} is {problem}: refused, as checkpoints found there "
-        "would be restored; remove it, or name another directory with 'memory:///DIR'"
+        "would be restored; remove it, or name the tier's directory with 'memory:///DIR'"
     )
 
 
@@ -144,15 +154,8 @@ def parse_tiers(
             )
         _shared_root()
         memory = os.path.join(SHM_ROOT, _run_id(durable))
-        _own_directory(memory, private=True)
-    else:
-        memory = os.path.abspath(memory)
-        try:
-            os.makedirs(os.path.dirname(memory), exist_ok=True)
-        except OSError as exc:
-            where = f"the memory tier's directory {memory}"
-            raise StorageError(f"cannot create {where}: {exc}") from exc
-        _own_directory(memory, private=False)
+        _private_directory(memory)
+    memory = os.path.abspath(memory)  # one the caller names is the caller's to secure
     return [
         Tier(f"{_MEMORY_URL}{memory}", memory, LocalStorage(memory, node_local=True), memory=True),
         *durable,
