@@ -739,7 +739,10 @@ class CheckpointManager:
         Candidates are ordered newest step first, the fastest tier first for one step; every
         rank takes the same one. A memory-tier copy counts only if every rank can read all of
         its files on its own node. A corrupt or incomplete candidate is skipped (logged) for
-        the next. One whose tier cannot be read now (a :class:`StorageError`: an endpoint
+        the next, unless it was committed on a durable tier when listed and is gone since:
+        another job deleting this run's checkpoints, for which restore raises, as for any
+        failure that says nothing against the checkpoint (a state that does not match, an
+        interrupt). One whose tier cannot be read now (a :class:`StorageError`: an endpoint
         down, retries used up) is tried on the slower tiers that hold its step; if none can
         give it, restore raises that StorageError rather than resume from an older step, over
         which the run would then save again. ``verify`` checks the checksum of every chunk
