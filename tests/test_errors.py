@@ -1087,3 +1087,30 @@ def test_an_interrupt_in_a_save_call_reaches_the_caller(ckpt_root: str, mode: st
     assert not os.path.exists(f"{ckpt_root}/i/manifest.json")
     handle = unickpt.save(f"{ckpt_root}/next", {"w": torch.ones(4)}, mode=mode)  # type: ignore[call-overload]
     assert (handle.wait() if mode != "sync" else handle) is not None
+
+
+def _interrupted_while_rank_0_tidies(rank: int, world_size: int, root: str) -> str:
+    import importlib
+
+    save_module = importlib.import_module("unickpt.engine.save")
+    tidy = save_module.tidy
+    if rank == 0:
+
+        def interrupted(*args: Any) -> None:
+            raise KeyboardInterrupt
+
+        save_module.tidy = interrupted
+    message = _timed(lambda: unickpt.save(f"{root}/ckpt", {f"w{rank}": torch.ones(64)}))
+    save_module.tidy = tidy
+    return message
+
+
+def test_an_interrupt_after_the_commit_tells_the_peers_it_committed(ckpt_root: str) -> None:
+    """Rank 0 interrupted while it tidies a committed checkpoint: the peers were left waiting
+    for its verdict (audit Z2); they return, and rank 0 raises the interrupt."""
+    first, second = run_distributed(
+        2, _interrupted_while_rank_0_tidies, ckpt_root, pg_timeout=30, timeout=120
+    )
+    assert _assert_prompt(first) == "KeyboardInterrupt: ", first
+    assert _assert_prompt(second) == "returned", second
+    unickpt.verify(f"{ckpt_root}/ckpt")

@@ -922,3 +922,40 @@ def test_an_interrupt_while_an_async_save_copies_reaches_the_loop(
     manager.close()
     restored = _state(seed=9)
     assert CheckpointManager(ckpt_root).restore(restored) == 1
+
+
+def _interrupted_after_a_close(rank: int, world_size: int, tiers: list[str]) -> str:
+    import importlib
+
+    save_module = importlib.import_module("unickpt.engine.save")
+    stage_file = save_module.stage_file
+    manager = CheckpointManager(tiers, every_n_steps=1, mode="async")
+    manager.maybe_save(1, {f"w{rank}": torch.ones(64)})
+    manager.close()  # its drains' process group too: the next save makes it again
+    if rank == 1:
+
+        def interrupted(*args: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
+
+        save_module.stage_file = interrupted
+    try:
+        handle = manager.maybe_save(2, {f"w{rank}": torch.ones(64)})
+        assert handle is not None
+        handle.wait()
+        outcome = "saved"
+    except (KeyboardInterrupt, unickpt.CheckpointError) as exc:
+        outcome = type(exc).__name__
+    save_module.stage_file = stage_file
+    with contextlib.suppress(unickpt.CheckpointError):
+        manager.close()
+    return outcome
+
+
+def test_an_interrupted_save_after_close_leaves_the_drains_in_step(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The drains' process group, made again at the first save after close(), was made after
+    the save: a rank whose save raised skipped it, and its peers waited there (audit Z2)."""
+    tiers = [str(tmp_path / "fast"), str(tmp_path / "slow")]
+    outcomes = run_distributed(2, _interrupted_after_a_close, tiers, pg_timeout=20, timeout=90)
+    assert outcomes == ["CheckpointError", "KeyboardInterrupt"]

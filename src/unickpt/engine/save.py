@@ -631,6 +631,7 @@ def _commit(
     with timer("commit"):
         reports = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(report).encode())]
         failed: dict[str, Any] = {}  # rank 0's verdict: {"message", "storage"} if not committed
+        tidied: BaseException | None = None
         if comm.rank == 0:
             failures = [r for r in reports if r["error"]]
             if failures:
@@ -664,9 +665,15 @@ def _commit(
                     failed = {"message": f"rank 0 interrupted while committing: {exc!r}"}
                     failed["type"] = type(exc).__name__
                 else:
-                    with contextlib.suppress(Exception):  # committed; leftovers are only clutter
+                    try:
                         tidy(storage, manifest)
+                    except Exception:  # committed; leftovers are only clutter
+                        pass
+                    except BaseException as exc:  # an interrupt: raised once the peers know
+                        tidied = exc  # that the checkpoint is committed
         failed = json.loads(comm.broadcast_bytes(json.dumps(failed).encode()))
+        if tidied is not None:
+            raise tidied
         if planned.error is not None:
             raise planned.error  # this rank's own failure, as raised
         if failed.get("exists"):

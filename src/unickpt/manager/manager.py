@@ -311,6 +311,7 @@ class CheckpointManager:
             log.info("unickpt: %s is saved already; not saving it again", name)
             return None
         self._last_save = time.monotonic()
+        self._ensure_group()  # a collective: before the save, which may raise on one rank alone
         if name in self._superseded:
             self._replace_superseded(name)
         full = self._with_rng(state)
