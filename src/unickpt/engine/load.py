@@ -19,6 +19,7 @@ from unickpt.engine.background import before_update
 from unickpt.engine.buffers import byte_view
 from unickpt.engine.comm import Comm
 from unickpt.engine.devices import DeviceWork
+from unickpt.engine.interrupts import held_interrupts
 from unickpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -61,6 +62,7 @@ class LoadResult:
     phases: dict[str, float] = field(default_factory=dict)
 
 
+@held_interrupts()
 def load(
     path: str | Storage,
     state: dict[str, Any],

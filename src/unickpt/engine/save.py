@@ -38,6 +38,7 @@ from unickpt.engine.datafile import (
     write_image,
 )
 from unickpt.engine.devices import DeviceWork
+from unickpt.engine.interrupts import held_interrupts
 from unickpt.engine.result import SaveResult
 from unickpt.errors import (
     CheckpointError,
@@ -103,7 +104,8 @@ def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[s
             ) from exc
         return file, layout.size, layout.records(file, checksums)
 
-    with ThreadPoolExecutor(max(1, len(planned.layouts))) as pool:
+    pool = ThreadPoolExecutor(max(1, len(planned.layouts)))
+    try:
         futures = [pool.submit(write, i) for i in range(len(planned.layouts))]
         for future in futures:
             try:
@@ -113,6 +115,10 @@ def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[s
                 continue
             report["files"][file] = size
             report["chunks"] += chunks
+    except BaseException:  # a second Ctrl-C (the first is held): out now, not after the writes
+        pool.shutdown(wait=False, cancel_futures=True)  # they end on their own, uncommitted
+        raise
+    pool.shutdown()
     return report
 
 
@@ -376,6 +382,7 @@ def save(
 ) -> background.SaveHandle: ...
 
 
+@held_interrupts()
 def save(
     path: str | Storage,
     state: dict[str, Any],
@@ -468,7 +475,7 @@ def _save(
             prepared.device_work.wait()  # before the writer threads read the live tensors
             return _commit(prepared, planned, _write(prepared, planned, comm), comm)
     staged: list[_Planned] = []  # filled by stage(), read by finish()
-    interrupts: list[BaseException] = []  # a Ctrl-C, say, in an async copy: the caller's
+    interrupts: list[BaseException] = []  # in an async copy (a second Ctrl-C): the caller's
 
     def stage() -> None:  # in the caller (async) or in the background (lazy)
         comm = background.checkpoint_comm()
@@ -516,6 +523,7 @@ def _save(
     return handle
 
 
+@held_interrupts()
 def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> background.SaveHandle:
     """Get ready for background saves of ``state`` without saving it: plan the save and fill
     the staging pool for it, in the background. The first async or lazy save of the same
@@ -614,13 +622,7 @@ def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, A
         error = f"rank {comm.rank} staging: {kind}: {planned.error}"
         return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
     with prepared.timer("write"):
-        try:
-            return _write_files(prepared, comm.rank, planned)
-        except BaseException as exc:  # an interrupt while waiting on the writers: raised once
-            planned.error = exc  # the commit has told the peers
-            kind = type(exc).__name__
-            error = f"rank {comm.rank} interrupted while writing: {kind}: {exc}"
-            return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
+        return _write_files(prepared, comm.rank, planned)
 
 
 def _commit(

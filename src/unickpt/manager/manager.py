@@ -25,6 +25,7 @@ from unickpt.engine.background import (
     release_staging_memory,
 )
 from unickpt.engine.comm import Comm, new_gloo_group
+from unickpt.engine.interrupts import held_interrupts
 from unickpt.engine.jobs import JobChain
 from unickpt.engine.load import load
 from unickpt.engine.result import SaveResult
@@ -182,6 +183,7 @@ class CheckpointManager:
     and restored when the world size is unchanged; a plain :func:`unickpt.load` ignores them.
     """
 
+    @held_interrupts()
     def __init__(
         self,
         root_or_tiers: RootOrTiers,
@@ -277,6 +279,7 @@ class CheckpointManager:
             due = due or elapsed
         return due
 
+    @held_interrupts()
     def maybe_save(
         self,
         step: int,
@@ -408,6 +411,7 @@ class CheckpointManager:
         if new:
             raise StorageError(drains)
 
+    @held_interrupts()
     def close(self) -> None:
         """Wait for every save and drain (raising as :meth:`wait` does), then free the host
         memory that staged them, the memory tier's checkpoints that a slower tier holds (tmpfs
@@ -731,6 +735,7 @@ class CheckpointManager:
         committed = self.list()
         return committed[-1].path if committed else None
 
+    @held_interrupts()
     def restore(
         self, state: dict[str, Any], *, strict: bool = True, verify: bool = True
     ) -> int | None:

@@ -1,0 +1,105 @@
+"""Real signals (SIGINT, SIGTERM) arriving while a save runs its collectives.
+
+Raised between two collectives, an interrupt left the rank's peers waiting in the next one until
+the process group's timeout, or paired their collectives with the rank's later ones (a peer
+then failed with a JSON or UTF-32 decoding error and died of SIGABRT in gloo). Saves, loads and
+the manager's collective calls hold the signal and deliver it when they end; a second signal
+acts at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+
+import unickpt
+
+from dist_harness import run_distributed
+
+RATE = 4e6  # bytes/s: a save of 8 MiB then takes about two seconds
+
+
+def _signal_in(seconds: float, *signums: int) -> None:
+    """Send this process ``signums``, one per 0.2 s, starting ``seconds`` from now."""
+
+    def send() -> None:
+        time.sleep(seconds)
+        for signum in signums:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def _timed_save(path: str, state: dict[str, Any], **options: Any) -> tuple[str, float]:
+    started = time.monotonic()
+    try:
+        unickpt.save(path, state, **options)
+    except BaseException as exc:  # the interrupt is what is asked about
+        return type(exc).__name__, time.monotonic() - started
+    return "returned", time.monotonic() - started
+
+
+def test_ctrl_c_during_a_save_is_raised_when_the_save_has_committed(ckpt_root: str) -> None:
+    state = {"w": torch.ones(2 << 20)}
+    _signal_in(0.5, signal.SIGINT)
+    outcome, seconds = _timed_save(f"{ckpt_root}/held", state, max_write_rate=RATE)
+    assert outcome == "KeyboardInterrupt" and seconds > 1.5, (outcome, seconds)
+    unickpt.verify(f"{ckpt_root}/held")  # committed before the interrupt was raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_second_ctrl_c_acts_at_once(ckpt_root: str) -> None:
+    state = {"w": torch.ones(2 << 20)}
+    _signal_in(0.3, signal.SIGINT, signal.SIGINT)
+    outcome, seconds = _timed_save(f"{ckpt_root}/twice", state, max_write_rate=RATE)
+    assert outcome == "KeyboardInterrupt" and seconds < 1.5, (outcome, seconds)
+    assert not os.path.exists(f"{ckpt_root}/twice/manifest.json")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_preemption_handler_runs_once_the_save_is_done(ckpt_root: str) -> None:
+    """SIGTERM with a handler that exits, as preempted SLURM and Kubernetes jobs get."""
+    calls: list[float] = []
+
+    def preempted(signum: int, frame: object) -> None:
+        calls.append(time.monotonic())
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, preempted)
+    try:
+        _signal_in(0.5, signal.SIGTERM)
+        started = time.monotonic()
+        outcome, _ = _timed_save(
+            f"{ckpt_root}/term", {"w": torch.ones(2 << 20)}, max_write_rate=RATE
+        )
+    finally:
+        handler = signal.signal(signal.SIGTERM, previous)
+    assert outcome == "SystemExit" and len(calls) == 1 and calls[0] - started > 1.5
+    assert handler is preempted
+    unickpt.verify(f"{ckpt_root}/term")
+
+
+def _interrupted_in_the_first_collective(rank: int, world_size: int, root: str) -> str:
+    state = {f"w{rank}": torch.ones(1024)}
+    if rank == 0:
+        time.sleep(3)  # rank 1 waits for it in the save's first collective
+    else:
+        _signal_in(1, signal.SIGINT)
+    outcome, seconds = _timed_save(f"{root}/ckpt", state)
+    return f"{outcome} {seconds:.1f}"
+
+
+def test_an_interrupt_while_waiting_for_a_peer_leaves_the_save_whole(ckpt_root: str) -> None:
+    first, second = run_distributed(
+        2, _interrupted_in_the_first_collective, ckpt_root, pg_timeout=20, timeout=90
+    )
+    assert first.startswith("returned"), first
+    assert second.startswith("KeyboardInterrupt"), second
+    assert float(second.split()[1]) < 10, second  # after the save, not the timeout
+    unickpt.verify(f"{ckpt_root}/ckpt")
