@@ -208,11 +208,11 @@ def test_a_marker_being_published_speaks_for_its_saver(tmp_path: pathlib.Path) -
 
     alive = json.dumps({"host": HOST, "pid": os.getpid(), "started": now_iso()})
     publishing("live", alive)
-    publishing("opened", "")  # created, not written yet
+    publishing("garbled", "{not json")  # some other writer's: kept until min_age
     publishing("dead", json.dumps({"host": HOST, "pid": 2**31 - 1, "started": now_iso()}))
-    publishing("stale", "", age=OLD)  # a put killed before it wrote anything
+    publishing("empty", "")  # a put killed before it wrote anything (kill -9 tests hit it)
     outcome = collect(tmp_path)
     assert outcome["live"] == (False, f"save in progress (pid {os.getpid()} alive)")
-    assert not outcome["opened"][0] and "untrusted in-flight marker" in outcome["opened"][1]
-    assert outcome["dead"] == (True, "") and outcome["stale"] == (True, "")
-    assert sorted(os.listdir(tmp_path)) == ["live", "opened"]
+    assert not outcome["garbled"][0] and "untrusted in-flight marker" in outcome["garbled"][1]
+    assert outcome["dead"] == (True, "") and outcome["empty"] == (True, "")
+    assert sorted(os.listdir(tmp_path)) == ["garbled", "live"]

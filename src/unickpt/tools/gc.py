@@ -123,10 +123,11 @@ def _in_progress(sub: Storage, files: list[str], min_age: float) -> str | None:
     """Why ``sub`` (holding ``files``) may still be being written, or None if it is abandoned.
 
     A saver publishes its marker by writing, syncing and renaming a temporary of it (seconds
-    on a slow disk): the temporary speaks for the saver meanwhile, and the marker itself is
-    looked at last, in case it was published since ``files`` was listed."""
+    on a slow disk): the temporary speaks for the saver meanwhile, once written (an empty one
+    is a writer killed before it wrote, or microseconds from writing), and the marker itself
+    is looked at last, in case it was published since ``files`` was listed."""
     now = _dt.datetime.now(_dt.timezone.utc)
-    publishing = [f for f in files if f.startswith(f"{INFLIGHT}{TEMP_INFIX}")]
+    publishing = [f for f in files if f.startswith(f"{INFLIGHT}{TEMP_INFIX}") and _written(sub, f)]
     for marker in [*publishing, INFLIGHT]:
         try:
             busy = _saver(sub, marker, min_age, now)
@@ -144,6 +145,14 @@ def _in_progress(sub: Storage, files: list[str], min_age: float) -> str | None:
         if busy is not None:
             return busy
     return None
+
+
+def _written(sub: Storage, path: str) -> bool:
+    """Whether ``path`` holds any bytes (False if it is gone)."""
+    try:
+        return sub.size(path) > 0
+    except CheckpointError:
+        return False
 
 
 def _collect(storage: Storage, name: str, dry_run: bool, min_age: float) -> GcEntry | None:
