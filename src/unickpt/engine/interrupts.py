@@ -12,7 +12,6 @@ peers are in step, and the checkpoint is committed or not, the same for every ra
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -26,9 +25,11 @@ _holding = False  # the main thread is inside held_interrupts() (it nests: the o
 @contextlib.contextmanager
 def held_interrupts() -> Iterator[None]:
     """Hold SIGINT and SIGTERM for the block, then deliver the first one received to the
-    handler that was in place. A second signal during the block is delivered at once: a peer
-    that hangs must not make the process deaf to Ctrl-C. Only the main thread receives
-    signals; elsewhere, and for signals ignored or handled outside Python, this does nothing.
+    Python handler that was in place. A second signal during the block is delivered as soon as
+    the main thread runs Python again (a collective blocked in C++ delays it, as it delays any
+    Python handler). Only the main thread receives signals. Signals without a Python handler
+    (SIGTERM's default kills the process at once, leaving no rank half-way) are not held, and
+    a handler the block itself installs is kept.
     """
     global _holding
     if _holding or threading.current_thread() is not threading.main_thread():
@@ -40,34 +41,33 @@ def held_interrupts() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         if received:  # the second: stop holding, and let it act now
             received.clear()
-            _restore(previous)
-            _deliver(signum, previous[signum], frame)
+            _restore(previous, hold)
+            previous[signum](signum, frame)
         else:
             received.append(signum)
 
-    for signum in _HELD:
-        handler = signal.getsignal(signum)
-        if handler not in (signal.SIG_IGN, None):
-            previous[signum] = handler
-            signal.signal(signum, hold)
+    try:
+        for signum in _HELD:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, hold)
+                previous[signum] = handler
+    except (ValueError, OSError):  # cannot install handlers here (finalizing, say): hold none
+        _restore(previous, hold)
+        previous.clear()
     _holding = True
     try:
         yield
     finally:
         _holding = False
-        _restore(previous)
-        if received:
-            _deliver(received[0], previous[received[0]], None)
+        _restore(previous, hold)
+        if received:  # Python's SIGINT handler raises KeyboardInterrupt
+            previous[received[0]](received[0], None)
 
 
-def _restore(previous: dict[int, Any]) -> None:
+def _restore(previous: dict[int, Any], hold: Any) -> None:
+    """Put back the handlers ``hold`` replaced, where it is still in place."""
     for signum, handler in previous.items():
-        signal.signal(signum, handler)
-
-
-def _deliver(signum: int, handler: Any, frame: FrameType | None) -> None:
-    """Act on ``signum`` as ``handler`` (already back in place) would have on its arrival."""
-    if callable(handler):
-        handler(signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt
-    else:  # SIG_DFL: the default action, usually the end of the process
-        os.kill(os.getpid(), signum)
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signum) is hold:
+                signal.signal(signum, handler)

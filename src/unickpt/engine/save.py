@@ -104,8 +104,7 @@ def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[s
             ) from exc
         return file, layout.size, layout.records(file, checksums)
 
-    pool = ThreadPoolExecutor(max(1, len(planned.layouts)))
-    try:
+    with ThreadPoolExecutor(max(1, len(planned.layouts))) as pool:
         futures = [pool.submit(write, i) for i in range(len(planned.layouts))]
         for future in futures:
             try:
@@ -115,10 +114,6 @@ def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[s
                 continue
             report["files"][file] = size
             report["chunks"] += chunks
-    except BaseException:  # a second Ctrl-C (the first is held): out now, not after the writes
-        pool.shutdown(wait=False, cancel_futures=True)  # they end on their own, uncommitted
-        raise
-    pool.shutdown()
     return report
 
 
@@ -622,7 +617,13 @@ def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, A
         error = f"rank {comm.rank} staging: {kind}: {planned.error}"
         return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
     with prepared.timer("write"):
-        return _write_files(prepared, comm.rank, planned)
+        try:
+            return _write_files(prepared, comm.rank, planned)
+        except BaseException as exc:  # a second Ctrl-C (the first is held), once the writers
+            planned.error = exc  # are done (the process would wait for them to exit anyway):
+            kind = type(exc).__name__  # raised when the commit has told the peers
+            error = f"rank {comm.rank} interrupted while writing: {kind}: {exc}"
+            return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
 
 
 def _commit(
