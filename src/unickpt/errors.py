@@ -66,6 +66,14 @@ def error_class(name: str) -> type[CheckpointError]:
     return known.get(name, CheckpointError)
 
 
+def error_vote(error: BaseException | None) -> dict[str, str]:
+    """What a rank tells its peers of its outcome: its error's message and class name, both
+    empty if it has none (a peer that only hears of it raises :func:`peer_error`)."""
+    if error is None:
+        return {"error": "", "type": ""}
+    return {"error": str(error), "type": type(error).__name__}
+
+
 def peer_error(rank: int, what: str, kind: str, message: str) -> CheckpointError:
     """Rank ``rank``'s failure of ``what`` (``kind``: the class name of its error), as a rank
     that only heard of it raises it: of the same unickpt class, where it was one, so that

@@ -25,6 +25,7 @@ from unickpt.errors import (
     CorruptCheckpointError,
     StateMismatchError,
     UnsafeCheckpointError,
+    error_vote,
     peer_error,
 )
 from unickpt.format.checksum import checksum
@@ -114,8 +115,7 @@ def _agree(comm: Comm, error: BaseException | None, prepared: _PreparedLoad | No
             raise error
         return
     mine = {
-        "error": str(error) if error else "",
-        "type": type(error).__name__ if error else "",
+        **error_vote(error),
         "save": prepared.identity if prepared else "",
         "url": str(prepared.storage.url) if prepared else "",
     }

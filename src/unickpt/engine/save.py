@@ -47,6 +47,7 @@ from unickpt.errors import (
     StateChangedError,
     StorageError,
     error_class,
+    error_vote,
     peer_error,
 )
 from unickpt.format.dtypes import dtype_name
@@ -582,8 +583,7 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
             "target": target,
             "digest": prepared.digest,
             "uid": uuid.uuid4().hex[:12],
-            "error": "" if error is None else str(error),
-            "type": "" if error is None else type(error).__name__,
+            **error_vote(error),
             "cached": sorted(cached),
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]

@@ -36,6 +36,7 @@ from unickpt.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     StorageError,
+    error_vote,
     peer_error,
 )
 from unickpt.format.manifest import MANIFEST, RNG_KEY, Manifest, read_manifest
@@ -490,8 +491,7 @@ class CheckpointManager:
         mine = [tier.storage.url for tier in self.tiers[1:]]
         vote = {
             "tiers": mine,
-            "error": "" if error is None else str(error),
-            "type": "" if error is None else type(error).__name__,
+            **error_vote(error),
         }
         votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(vote).encode())]
         if error is not None:
@@ -868,8 +868,7 @@ class CheckpointManager:
             "candidates": [(i.name, index) for i, index in found],
             "undrained": undrained,
             "sweep": swept,
-            "error": "" if error is None else str(error),
-            "type": "" if error is None else type(error).__name__,
+            **error_vote(error),
         }
         if self._comm.world_size > 1:
             message = json.loads(self._comm.broadcast_bytes(json.dumps(message).encode()))
@@ -966,11 +965,7 @@ class CheckpointManager:
             if isinstance(error, StorageError)
             else "other"
         )
-        mine = {
-            "error": "" if error is None else str(error),
-            "type": "" if error is None else type(error).__name__,
-            "kind": kind,
-        }
+        mine = {**error_vote(error), "kind": kind}
         votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(mine).encode())]
         return [(rank, vote) for rank, vote in enumerate(votes) if vote["type"]]
 
