@@ -90,14 +90,13 @@ def _private_directory(path: str) -> None:
         found = os.lstat(path)
         if stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
             os.chmod(path, 0o700)  # made by an earlier version, readable by every user
+            return
     except OSError as exc:
         raise StorageError(f"cannot check the memory tier's directory {path}: {exc}") from exc
     if not stat.S_ISDIR(found.st_mode):
         problem = "a symlink" if stat.S_ISLNK(found.st_mode) else "not a directory"
-    elif found.st_uid != os.geteuid():
-        problem = f"owned by another user (uid {found.st_uid})"
     else:
-        return
+        problem = f"owned by another user (uid {found.st_uid})"
     raise StorageError(
         f"the memory tier's directory {path} is {problem}: refused, as checkpoints found there "
         "would be restored; remove it, or name the tier's directory with 'memory:///DIR'"
