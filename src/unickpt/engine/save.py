@@ -665,8 +665,10 @@ def _commit(
                     }
                 except BaseException as exc:  # an interrupt: raised here once the peers know
                     planned.error = exc
-                    failed = {"message": f"rank 0 interrupted while committing: {exc!r}"}
-                    failed["type"] = type(exc).__name__
+                    failed = {
+                        "message": f"rank 0 interrupted while committing: {exc!r}",
+                        "type": type(exc).__name__,
+                    }
                 else:
                     try:
                         tidy(storage, manifest)
