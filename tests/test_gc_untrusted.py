@@ -216,3 +216,28 @@ def test_a_marker_being_published_speaks_for_its_saver(tmp_path: pathlib.Path) -
     assert not outcome["garbled"][0] and "untrusted in-flight marker" in outcome["garbled"][1]
     assert outcome["dead"] == (True, "") and outcome["empty"] == (True, "")
     assert sorted(os.listdir(tmp_path)) == ["garbled", "live"]
+
+
+def test_a_directory_thousands_deep_is_collected_not_a_recursion_error(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A crafted tree deeper than Python's recursion limit (os.walk and shutil.rmtree recurse
+    in Python 3.11) inside an abandoned save: listed, removed (a link in it unlinked, not
+    followed), and the other directories still collected."""
+    deep = incomplete(tmp_path, "aa_deep")
+    leaf = os.fspath(deep)
+    for _ in range(1500):  # os.makedirs recurses too
+        leaf = os.path.join(leaf, "d")
+        os.mkdir(leaf)
+    os.symlink(tmp_path / "outside", os.path.join(deep, "d", "linked"))  # a link: not walked
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "kept").write_bytes(b"k")
+    incomplete(tmp_path, "zz_abandoned")
+    assert len(LocalStorage(os.fspath(deep)).list()) == 1  # its data file
+    try:
+        outcome = collect(tmp_path)
+    finally:  # else pytest's own cleanup of old temporary trees recurses on it
+        LocalStorage(os.fspath(tmp_path)).delete_prefix("aa_deep")
+    assert outcome["aa_deep"][0] and outcome["zz_abandoned"] == (True, ""), outcome
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+    assert (tmp_path / "outside" / "kept").read_bytes() == b"k"

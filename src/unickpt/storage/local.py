@@ -9,9 +9,9 @@ import errno
 import fcntl
 import glob
 import os
-import shutil
 import stat
 import uuid
+from collections.abc import Iterator
 
 from unickpt.errors import (
     CheckpointExistsError,
@@ -27,6 +27,31 @@ from unickpt.storage.base import (
     check_relative_path,
     require_range,
 )
+
+
+def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(top)`` without recursion (Python 3.11's recurses, so a crafted tree a few
+    thousand directories deep raised RecursionError): (directory, its subdirectories, its
+    files), parents first. A link to a directory is listed as a subdirectory and not walked
+    into; unreadable directories are skipped."""
+    pending = [top]
+    while pending:
+        directory = pending.pop()
+        subdirectories: list[str] = []
+        files: list[str] = []
+        linked: set[str] = set()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    is_dir = entry.is_dir()
+                    (subdirectories if is_dir else files).append(entry.name)
+                    if is_dir and entry.is_symlink():
+                        linked.add(entry.name)
+        except OSError:
+            continue
+        yield directory, subdirectories, files
+        real = [name for name in subdirectories if name not in linked]
+        pending.extend(os.path.join(directory, name) for name in reversed(real))
 
 
 def _storage_error(action: str, where: str, exc: OSError) -> StorageError:
@@ -325,7 +350,7 @@ class LocalStorage(Storage):
         if not os.path.isdir(base):
             return []
         out: list[str] = []
-        for directory, _, files in os.walk(base):
+        for directory, _, files in _walk(base):
             rel = os.path.relpath(directory, self.root)
             out.extend(name if rel == "." else f"{rel}/{name}" for name in files)
         return sorted(out)
@@ -343,7 +368,18 @@ class LocalStorage(Storage):
         if os.path.islink(target):
             os.unlink(target)
             return
-        shutil.rmtree(target, ignore_errors=True)
+        directories = []
+        for directory, subdirectories, files in _walk(target):
+            directories.append(directory)
+            links = [
+                name for name in subdirectories if os.path.islink(os.path.join(directory, name))
+            ]
+            for name in files + links:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+        for directory in reversed(directories):  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
     def children(self) -> builtins.list[str]:
         if not os.path.isdir(self.root):
@@ -360,7 +396,7 @@ class LocalStorage(Storage):
     def remove_if_empty(self, prefix: str) -> bool:
         top = self._resolve(prefix)
         try:  # empty subdirectories (data/) first; any file anywhere makes an rmdir fail
-            for path, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+            for path, _, _ in reversed(list(_walk(top))):  # the deepest first
                 os.rmdir(path)  # fails, harmlessly, if a saver just wrote into it
         except OSError:
             return False
