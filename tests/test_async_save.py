@@ -412,6 +412,32 @@ def test_background_save_of_only_empty_tensors(ckpt_root: str, mode: str) -> Non
     assert target["step"] == 3
 
 
+@pytest.mark.parametrize("mode", ["sync", "async", "lazy"])
+def test_empty_tensors_to_memory_storage(mode: str) -> None:
+    """Whole-chunk writes (any storage but a local path) of a chunk of no bytes."""
+    path = f"memory://unickpt-test-{os.getpid()}/empty-{mode}"
+    result = unickpt.save(path, {"t": torch.empty(0, 3), "u": torch.ones(2)}, mode=mode)
+    assert (result.wait() if mode != "sync" else result) is not None
+    target = {"t": torch.ones(0, 3), "u": torch.zeros(2)}
+    unickpt.load(path, target)
+    assert torch.equal(target["u"], torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "lazy"])
+def test_one_element_tensors_of_any_stride(ckpt_root: str, mode: str) -> None:
+    """torch counts a tensor of at most one element contiguous whatever its strides: saved
+    and loaded into like any other, without touching its neighbours."""
+    base = torch.arange(6.0)
+    state = {"one": base[1::2][:1], "none": base[::2][:0], "bf": base.bfloat16()[3::4]}
+    assert state["one"].stride() == (2,) and state["bf"].stride() == (4,)
+    result = unickpt.save(f"{ckpt_root}/s", state, mode=mode)
+    assert (result.wait() if mode != "sync" else result) is not None
+    into = torch.zeros(6)
+    target = {"one": into[1::2][:1], "none": into[::2][:0], "bf": torch.zeros(6).bfloat16()[3::4]}
+    unickpt.load(f"{ckpt_root}/s", target)
+    assert into.tolist() == [0, 1, 0, 0, 0, 0] and target["bf"].item() == 3
+
+
 def test_lazy_save_of_inference_tensors(ckpt_root: str) -> None:
     with torch.inference_mode():
         weights = torch.randn(64, 64)

@@ -23,10 +23,18 @@ def _malloc_trim() -> Any:
 _MALLOC_TRIM = _malloc_trim()
 
 
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's elements in one dimension of stride 1 (no copy). ``reshape(-1)``
+    keeps the stride of a tensor of at most one element, which torch counts as contiguous
+    whatever its strides (``arange(3.)[1::2]``), and ``view(torch.uint8)`` then refuses it."""
+    assert tensor.is_contiguous()
+    return tensor.as_strided((tensor.numel(),), (1,))
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable view of a contiguous CPU tensor's bytes (no copy)."""
-    assert tensor.device.type == "cpu" and tensor.is_contiguous()
-    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    assert tensor.device.type == "cpu"
+    return memoryview(flat(tensor.detach()).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

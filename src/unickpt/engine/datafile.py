@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from unickpt.engine.buffers import byte_view, tensor_bytes
+from unickpt.engine.buffers import byte_view, flat, tensor_bytes
 from unickpt.errors import CheckpointError, CheckpointExistsError, StateChangedError
 from unickpt.format.checksum import Checksummer
 from unickpt.format.dtypes import itemsize
@@ -184,7 +184,9 @@ def stream_file(writer: Writer, layout: FileLayout, view: SaveView, storage: Sto
     checksums = []
     for chunk in layout.chunks:
         data = tensor_bytes(_source(view, chunk))
-        checksums += _write_checksummed(writer, data, [(0, data.nbytes)], piece or data.nbytes)
+        checksums += _write_checksummed(
+            writer, data, [(0, data.nbytes)], piece or max(data.nbytes, 1)
+        )
     return checksums
 
 
@@ -212,7 +214,7 @@ def stage_file(layout: FileLayout, view: SaveView, image: torch.Tensor, *, all_c
             if source.numel() * source.element_size() != nbytes:  # never copy past its end
                 raise StateChangedError(f"{chunk.key!r} changed size since the save was called")
             if all_cores:
-                image[begin : begin + nbytes].copy_(source.reshape(-1).view(torch.uint8))
+                image[begin : begin + nbytes].copy_(flat(source).view(torch.uint8))
             else:
                 ctypes.memmove(image.data_ptr() + begin, source.data_ptr(), nbytes)
 

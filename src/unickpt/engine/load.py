@@ -16,7 +16,7 @@ import torch
 import xxhash
 
 from unickpt.engine.background import before_update
-from unickpt.engine.buffers import byte_view
+from unickpt.engine.buffers import byte_view, flat
 from unickpt.engine.comm import Comm
 from unickpt.engine.devices import DeviceWork
 from unickpt.engine.interrupts import held_interrupts
@@ -419,7 +419,7 @@ def _destination(job: Job, verify: bool) -> memoryview | None:
     start = contiguous_destination(shard.box.sizes, read.inter.relative_to(shard.box))
     if start is None:
         return None
-    return byte_view(target.detach().reshape(-1)[start : start + read.inter.volume])
+    return byte_view(flat(target.detach())[start : start + read.inter.volume])
 
 
 def _batches(jobs: list[Job], verify: bool) -> list[list[tuple[Job, memoryview | None]]]:
