@@ -613,6 +613,18 @@ def test_untied_weights_into_tied_ones_are_refused(ckpt_root: str, strict: bool)
     assert torch.equal(untied["emb"], emb) and torch.equal(untied["head"], emb)
 
 
+def test_an_empty_tensor_missing_from_the_checkpoint_is_missing(ckpt_root: str) -> None:
+    """Empty tensors all have data pointer 0: a second one is no tied alias of the first
+    (LoRA's empty B of an unadapted layer, say). A tied empty parameter still is one."""
+    unickpt.save(ckpt_root, {"a": torch.empty(0, 4)})
+    with pytest.raises(unickpt.StateMismatchError, match="b: missing from the checkpoint"):
+        unickpt.load(ckpt_root, {"a": torch.empty(0, 4), "b": torch.empty(0, 4)})
+    result = unickpt.load(ckpt_root, {"a": torch.empty(0, 4), "b": torch.empty(0, 4)}, strict=False)
+    assert result.missing_keys == ["b"]
+    tied = torch.nn.Parameter(torch.empty(0, 4))
+    unickpt.load(ckpt_root, {"a": tied.detach(), "b": tied.detach()})  # as state_dict() gives
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_optimizer_over_other_parameters_is_refused_before_any_read(
     ckpt_root: str, strict: bool

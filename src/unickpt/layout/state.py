@@ -269,13 +269,15 @@ class SaveView:
             raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
 
 
-MemoryView = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
+MemoryView = tuple[int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]
 
 
 def memory_view(tensor: torch.Tensor) -> MemoryView:
-    """Which bytes a (local) tensor views: tensors equal here alias each other exactly."""
+    """Which bytes a (local) tensor views: tensors equal here alias each other exactly. The
+    storage tells empty tensors apart: their data pointers are all 0."""
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.data_ptr(), local.dtype, tuple(local.shape), local.stride()
+    storage = local.untyped_storage()._cdata
+    return storage, local.data_ptr(), local.dtype, tuple(local.shape), local.stride()
 
 
 def _buffer_views(state: object) -> set[MemoryView]:
