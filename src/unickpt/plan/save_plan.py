@@ -24,8 +24,9 @@ from unickpt.errors import InvalidStateError
 from unickpt.format.dtypes import itemsize
 from unickpt.layout.box import Box, tiling_problem
 
-# Replicated boxes at least this large are split among their holders, so no rank writes the
-# whole of a large replicated tensor alone.
+# Replicated boxes are split among their holders in pieces at least this large (so boxes of
+# twice this size and more), at most one per holder: no rank writes a large replicated tensor
+# alone, and no piece is so small that its own write costs more than it spreads.
 SPLIT_BYTES = 32 * 1024 * 1024
 
 
