@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -545,3 +546,65 @@ def test_a_damaged_pickled_entry_is_refused(tmp_path: pathlib.Path) -> None:
     with pytest.raises(unickpt.CorruptCheckpointError, match=r"checksum mismatch .*'tags"):
         unickpt.load(str(path), target, allow_pickle=True)
     assert target["tags"] is None
+
+
+def _save_stage_local_values(rank: int, world_size: int, path: str, mode: str) -> str:
+    """Pipeline-style: values only some stages hold (the last one's loss scaler), and one that
+    ranks 1 and 2 hold differently. Returns what the save raised, if anything."""
+    state: dict[str, Any] = {"w": torch.ones(2), "common": rank}
+    if rank >= 1:
+        state["mid"] = {"seen_by": rank}
+    if rank == world_size - 1:
+        state["last_stage"] = {"scaler": {"scale": 65536.0, "growth_tracker": 17}}
+    if mode == "mixed":  # a tensor here, a plain value there
+        state["x"] = torch.zeros(1) if rank == 0 else 5
+    if mode == "pickled":  # a pickled value rank 0 does not hold
+        state.update({"cfg": {1, 2}} if rank == 2 else {})
+    try:
+        result = unickpt.save(
+            path, state, allow_pickle=True, mode="sync" if mode == "sync" else "async"
+        )
+        if mode != "sync":
+            result.wait()  # type: ignore[union-attr]
+    except unickpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_values_held_by_ranks_other_than_0_are_saved(tmp_path: pathlib.Path, mode: str) -> None:
+    """A non-tensor value rank 0 does not hold is recorded from the lowest rank holding it (it
+    used to be dropped without a word); rank 0's value of a key all hold is recorded."""
+    path = os.fspath(tmp_path / "ck")
+    assert run_distributed(3, _save_stage_local_values, path, mode) == ["", "", ""]
+    objects = unickpt.inspect(path).objects
+    assert objects == {
+        "common": 0,
+        "mid.seen_by": 1,
+        "last_stage.scaler.scale": 65536.0,
+        "last_stage.scaler.growth_tracker": 17,
+    }, objects
+    target: dict[str, Any] = {"w": torch.zeros(2), "last_stage": {"scaler": {}}}
+    target["last_stage"]["scaler"] = {"scale": 1.0, "growth_tracker": 0}
+    unickpt.load(path, target, strict=False)
+    assert target["last_stage"]["scaler"] == {"scale": 65536.0, "growth_tracker": 17}
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("mixed", "InvalidStateError: save to .* 'x' are tensors on some ranks and non-tensor"),
+        (
+            "pickled",
+            "InvalidStateError: pickled state entries are saved from rank 0 only, and "
+            "rank 0 does not hold 'cfg' \\(rank 2\\)",
+        ),
+    ],
+)
+def test_values_that_cannot_be_merged_fail_every_rank(
+    tmp_path: pathlib.Path, mode: str, expected: str
+) -> None:
+    path = os.fspath(tmp_path / "ck")
+    errors = run_distributed(3, _save_stage_local_values, path, mode)
+    assert all(re.match(expected, error, re.DOTALL) for error in errors), errors
+    assert not os.path.exists(os.path.join(path, "manifest.json"))

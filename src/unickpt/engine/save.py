@@ -81,6 +81,7 @@ class _Planned:
     plan: SavePlan
     cache_hit: bool
     layouts: list[FileLayout]
+    objects: list[str]  # the non-tensor entries this rank reports for the manifest
     images: list[torch.Tensor] | None = None
     error: BaseException | None = None
 
@@ -88,7 +89,13 @@ class _Planned:
 def _write_files(prepared: PreparedSave, rank: int, planned: _Planned) -> dict[str, Any]:
     """Write this rank's files as concurrent streams; failures are reported, not raised."""
     storage, view = prepared.storage, prepared.view
-    report: dict[str, Any] = {"files": {}, "chunks": [], "error": None, "writing": True}
+    report: dict[str, Any] = {
+        "files": {},
+        "chunks": [],
+        "error": None,
+        "writing": True,
+        "objects": {key: view.objects[key] for key in planned.objects},
+    }
 
     def write(index: int) -> tuple[str, int, list[dict[str, Any]]]:
         layout = planned.layouts[index]
@@ -585,6 +592,7 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
             "uid": uuid.uuid4().hex[:12],
             **error_vote(error),
             "cached": sorted(cached),
+            "objects": xxhash.xxh3_64_hexdigest(json.dumps(_object_keys(prepared.view)).encode()),
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
         _raise_first_failure(replies, error, "save")
@@ -595,6 +603,9 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
                 f"ranks disagree on the save: rank {comm.rank} {_doing(target)}, {theirs}; "
                 "every rank must pass the same path and step"
             )
+        objects = []
+        if any(r["objects"] != replies[0]["objects"] for r in replies):
+            objects = _objects_from_here(prepared.view, comm)
         global_digest = xxhash.xxh3_128_hexdigest("|".join(r["digest"] for r in replies).encode())
         cache_hit = all(global_digest in r["cached"] for r in replies)
         if cache_hit:
@@ -608,7 +619,35 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
             plan = build_save_plan(per_rank)
         _PLANS.put(global_digest, plan)  # the newest use, or a new plan
         layouts = file_layouts(plan.writes[comm.rank], plan)
-    return _Planned(replies[0]["uid"], plan, cache_hit, layouts)
+    return _Planned(replies[0]["uid"], plan, cache_hit, layouts, objects)
+
+
+def _object_keys(view: SaveView) -> list[list[str]]:
+    """The keys of a rank's non-tensor entries: JSON values, and pickled ones."""
+    return [sorted(view.objects), sorted(view.opaque)]
+
+
+def _objects_from_here(view: SaveView, comm: Comm) -> list[str]:
+    """The JSON entries this rank reports for the manifest, when ranks hold different ones (a
+    pipeline's last stage, the only one with a loss scaler): those no lower rank holds. Rank
+    0's are its own; it records the lowest rank's value of each key, as for module buffers.
+    Pickled entries are saved from rank 0 only: one held elsewhere is refused, on every rank."""
+    held = [json.loads(k) for k in comm.all_gather_bytes(json.dumps(_object_keys(view)).encode())]
+    elsewhere = {
+        key: rank for rank, (_, pickled) in reversed(list(enumerate(held))) for key in pickled
+    }
+    lost = sorted(key for key in elsewhere if key not in held[0][1])
+    if lost:
+        raise InvalidStateError(
+            f"pickled state entries are saved from rank 0 only, and rank 0 does not hold "
+            f"{', '.join(f'{k!r} (rank {elsewhere[k]})' for k in lost[:3])}"
+            f"{f' and {len(lost) - 3} more' if len(lost) > 3 else ''}: hold them on rank 0 "
+            "too, or make them JSON values"
+        )
+    if comm.rank == 0:
+        return []
+    below = {key for keys, _ in held[: comm.rank] for key in keys}
+    return [key for key in held[comm.rank][0] if key not in below]
 
 
 def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, Any]:
@@ -746,9 +785,19 @@ def _build_manifest(
         )
         for key, (dtype, shape) in sorted(plan.tensors.items())
     }
+    objects = dict(view.objects)
+    for report in reports:  # in rank order: each key's value from the lowest rank holding it
+        for key, value in report["objects"].items():
+            objects.setdefault(key, value)
+    mixed = sorted(objects.keys() & tensors.keys())
+    if mixed:
+        raise InvalidStateError(
+            f"state entries {', '.join(map(repr, mixed[:3]))} are tensors on some ranks and "
+            "non-tensor values on others"
+        )
     manifest = Manifest(
         tensors=tensors,
-        objects=view.objects,
+        objects=objects,
         files=files,
         step=step,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
