@@ -6,6 +6,10 @@ knows what to fix without a debugger.
 
 from __future__ import annotations
 
+import re
+import reprlib
+from typing import Any
+
 
 class CheckpointError(Exception):
     """Base class of all errors raised by unickpt."""
@@ -79,6 +83,35 @@ def peer_error(rank: int, what: str, kind: str, message: str) -> CheckpointError
     that only heard of it raises it: of the same unickpt class, where it was one, so that
     every rank can tell a storage outage from a corrupt checkpoint alike."""
     return error_class(kind)(f"{what} failed on rank {rank}: {kind}: {message}")
+
+
+# C0, DEL and C1 (Unicode's "Cc" characters), and lone surrogates, which no encoding prints
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str, *, keep: str = "") -> str:
+    """``text`` with each control character but those in ``keep``, and each lone surrogate,
+    shown as repr shows it (ESC as ``\\x1b``): for every string of checkpoint origin that may
+    reach a terminal (paths, tensor and object names, messages quoting them, warnings), as a
+    crafted checkpoint must not send escape sequences (clear the screen, retitle or recolour
+    the terminal) to one or to a log later shown on one, nor make printing fail."""
+    return _UNPRINTABLE.sub(lambda m: m[0] if m[0] in keep else repr(m[0])[1:-1], text)
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, 60, 60
+    return short
+
+
+_SHORT = _short_repr()
+
+
+def short_repr(value: Any) -> str:
+    """At most a few hundred characters of ``value``'s repr: for checkpoint content quoted in a
+    message, which may be crafted, huge or self-sharing (a list holding another twice, 40 deep,
+    whose full repr would never end)."""
+    return _SHORT.repr(value)
 
 
 def _subclasses(cls: type[CheckpointError]) -> list[type[CheckpointError]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Callable, Iterator
 from enum import Enum
 
@@ -29,7 +28,7 @@ from unickpt.convert import (
     import_megatron,
 )
 from unickpt.convert.megatron import DEFAULT_SPEC as DEFAULT_MEGATRON_SPEC
-from unickpt.errors import CheckpointError, IncompleteCheckpointError
+from unickpt.errors import CheckpointError, IncompleteCheckpointError, printable
 from unickpt.tools import collect_garbage, inspect, verify
 
 app = typer.Typer(
@@ -44,19 +43,6 @@ app = typer.Typer(
 # with markup=True and escape() what they quote.
 out = Console(soft_wrap=True, markup=False, emoji=False)
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: Unicode's "Cc" characters
-
-
-def _printable(text: str, *, keep: str = "") -> str:
-    """``text`` with each control character but those in ``keep`` shown as repr shows it (ESC as
-    ``\\x1b``), for every string of checkpoint origin the CLI prints (paths, tensor and object
-    names, directory names, error messages): a crafted checkpoint must not be able to send escape
-    sequences (clear the screen, retitle or recolour the terminal) to a terminal or to a log that
-    is later shown on one. Markup lines still escape() the result.
-    """
-    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else repr(m[0])[1:-1], text)
-
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -80,7 +66,7 @@ def _size(n: int) -> str:
 
 def _fail(exc: CheckpointError) -> typer.Exit:
     label = "INCOMPLETE" if isinstance(exc, IncompleteCheckpointError) else "ERROR"
-    message = _printable(str(exc), keep="\n")  # a verify report lists one problem a line
+    message = printable(str(exc), keep="\n")  # a verify report lists one problem a line
     err.print(f"[bold red]{label}[/]: {escape(message)}", markup=True, highlight=False)
     return typer.Exit(1)
 
@@ -115,9 +101,9 @@ def inspect_cmd(
         return
     writer = manifest.writer
     out.print(
-        f"[bold]{escape(_printable(path))}[/]  "
+        f"[bold]{escape(printable(path))}[/]  "
         + escape(
-            _printable(
+            printable(
                 f"step={manifest.step}  format v{manifest.version}  "
                 f"{_size(manifest.total_bytes)} in {len(manifest.files)} file(s)  "
                 f"written by world_size={writer.get('world_size')} meshes={writer.get('meshes')}"
@@ -131,7 +117,7 @@ def inspect_cmd(
         table.add_column(column, justify="right" if column in ("chunks", "bytes") else "left")
     for key, meta in manifest.tensors.items():
         table.add_row(
-            _printable(key),
+            printable(key),
             meta.dtype + (" (pickle)" if meta.encoding != "raw" else ""),
             str(list(meta.shape)),
             str(len(meta.chunks)),
@@ -139,10 +125,10 @@ def inspect_cmd(
         )
     out.print(table)
     if manifest.objects:
-        objects = _printable(json.dumps(manifest.objects)[:2000])  # json.dumps escapes them too
+        objects = printable(json.dumps(manifest.objects)[:2000])  # json.dumps escapes them too
         out.print(f"objects: {objects}", highlight=False)
     if manifest.user_metadata:
-        user_metadata = _printable(json.dumps(manifest.user_metadata))
+        user_metadata = printable(json.dumps(manifest.user_metadata))
         out.print(f"user_metadata: {user_metadata}", highlight=False)
 
 
@@ -181,7 +167,7 @@ def gc_cmd(
     for entry in entries:
         verb = "removed" if entry.removed else "kept"
         reason = f": {entry.reason}" if entry.reason else ""
-        out.print(_printable(f"{verb} {entry.name} (incomplete){reason}"), highlight=False)
+        out.print(printable(f"{verb} {entry.name} (incomplete){reason}"), highlight=False)
 
 
 class Source(str, Enum):
@@ -255,7 +241,7 @@ def convert_cmd(
         except CheckpointError as exc:
             raise _fail(exc) from exc
     out.print(
-        _printable(
+        printable(
             f"converted {src} ({source.value}) -> {dst}: {len(manifest.tensors)} tensors, "
             f"{_size(manifest.total_bytes)}"
         ),
@@ -284,7 +270,7 @@ def export_hf_cmd(
             )
         except CheckpointError as exc:
             raise _fail(exc) from exc
-    out.print(_printable(f"exported {src} -> {dst}: {len(files)} file(s)"), highlight=False)
+    out.print(printable(f"exported {src} -> {dst}: {len(files)} file(s)"), highlight=False)
 
 
 def main() -> None:

@@ -45,7 +45,11 @@ from typing import IO, Any
 import torch
 
 from unickpt.convert.hf import open_location
-from unickpt.convert.torchfile import unpickling_error
+from unickpt.convert.torchfile import (
+    JsonBudget,
+    refuse_compressed,
+    unpickling_error,
+)
 from unickpt.engine.buffers import MAPPED_BYTES, release_freed_memory, streaming_empty
 from unickpt.engine.stream import LazyTensor, Progress, stream_save
 from unickpt.errors import (
@@ -55,6 +59,8 @@ from unickpt.errors import (
     CorruptCheckpointError,
     InvalidStateError,
     UnsafeCheckpointError,
+    printable,
+    short_repr,
 )
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import Manifest
@@ -62,7 +68,14 @@ from unickpt.layout.box import Box, tiling_problem
 from unickpt.storage import Reader, Storage
 
 METADATA_FILE = ".metadata"
+# DCP pickles ~150 bytes per chunk (its sizes, offsets and byte range; names are memoised), so
+# 4 GiB holds ~29M chunks: a run sharding each of ~1,000 tensors over 16k ranks is 16M chunks and
+# fits. It is read as a stream, never whole; memory is that of the records (~5x the pickle).
 MAX_METADATA_BYTES = 4 << 30
+MAX_PATH_CHARS = 4096  # a path in the metadata (the checkpoint's own id): Linux's PATH_MAX
+# A saved dict nested deeper is no model's or optimizer's: its keys stay flat (one value each)
+# rather than cost time quadratic in a crafted planner path's length to regroup.
+MAX_NESTING = 64
 WHOLE_RECORD_BYTES = 1 << 20  # smaller items are fetched in one read; torch.load seeks a lot
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -100,14 +113,21 @@ class _Record:
             self.__dict__["state"] = state
 
 
-def _layout(name: str) -> torch.layout:
-    if name not in _LAYOUTS:
-        raise pickle.UnpicklingError(f"unknown torch layout {name!r}")
+def _layout(name: Any) -> torch.layout:
+    if not isinstance(name, str) or name not in _LAYOUTS:
+        raise pickle.UnpicklingError(f"unknown torch layout {short_repr(name)}")
     return _LAYOUTS[name]
 
 
 def _joined_path(*parts: Any) -> str:
-    return "/".join(str(p) for p in parts)
+    """A pickled ``pathlib`` path as text. Its parts must be strings of a path's length: ``str``
+    of a crafted argument (a list holding another twice, 40 deep) would never finish, and one
+    long string referenced a million times would join into terabytes."""
+    if not all(isinstance(p, str) for p in parts):
+        raise pickle.UnpicklingError(f"a path made of {short_repr(parts)}, not of strings")
+    if sum(len(p) + 1 for p in parts) > MAX_PATH_CHARS:
+        raise pickle.UnpicklingError(f"a path longer than {MAX_PATH_CHARS} characters")
+    return "/".join(parts)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -152,20 +172,25 @@ def read_metadata(storage: Storage, *, trust_pickle: bool = False) -> Any:
     with storage.open_reader(METADATA_FILE) as reader:
         if reader.size() > MAX_METADATA_BYTES:
             raise CorruptCheckpointError(f"{where} is {reader.size()} bytes, too large")
-        data = io.BytesIO(bytes(reader.read(0, reader.size())))
-    try:
-        if trust_pickle:
-            return pickle.load(data)  # the caller trusts this checkpoint
-        return _MetadataUnpickler(data).load()
-    except UnsafeCheckpointError as exc:
-        raise UnsafeCheckpointError(
-            f"{where}: {exc}; unpickling it could execute arbitrary code. Re-run with "
-            "--trust-pickle (trust_pickle=True) only if you trust where this checkpoint came from"
-        ) from None
-    except Exception as exc:
-        raise CorruptCheckpointError(
-            f"{where} is not a readable DCP metadata pickle: {type(exc).__name__}: {exc}"
-        ) from exc
+        # unpickled as it is read: garbage fails at its first bytes, not after reading them all
+        data = io.BufferedReader(_FileRange(reader, 0, reader.size()), WHOLE_RECORD_BYTES)
+        try:
+            if trust_pickle:
+                return pickle.load(data)  # the caller trusts this checkpoint
+            return _MetadataUnpickler(data).load()
+        except UnsafeCheckpointError as exc:
+            raise UnsafeCheckpointError(
+                f"{where}: {exc}; unpickling it could execute arbitrary code. Re-run with "
+                "--trust-pickle (trust_pickle=True) only if you trust where this checkpoint "
+                "came from"
+            ) from None
+        except CheckpointError:  # the storage failed to read it
+            raise
+        except Exception as exc:  # MemoryError included: records beyond this machine's memory
+            raise CorruptCheckpointError(
+                f"{where} is not a readable DCP metadata pickle: {type(exc).__name__}: "
+                f"{printable(str(exc)[:300])}"
+            ) from exc
 
 
 # ----------------------------------------------------------------------------- parsed metadata
@@ -197,7 +222,7 @@ class _Item:
 
 def _ints(value: Any, what: str, where: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(type(v) is int and v >= 0 for v in value):
-        raise CorruptCheckpointError(f"{where}: {what} {value!r} is not a list of sizes")
+        raise CorruptCheckpointError(f"{where}: {what} {short_repr(value)} is not a list of sizes")
     return tuple(value)
 
 
@@ -223,7 +248,8 @@ def _storage_index(metadata: Any, storage: Storage, where: str) -> dict[tuple[st
         descriptors = getattr(info, "transform_descriptors", None)
         if descriptors:
             raise ConversionError(
-                f"{where}: {fqn!r} was written through stream transform(s) {list(descriptors)} "
+                f"{where}: {short_repr(fqn)} was written through stream transform(s) "
+                f"{short_repr(descriptors)} "
                 "(DCP's experimental compression), which unickpt does not read; re-save the "
                 "checkpoint without storage-writer extensions"
             )
@@ -231,9 +257,11 @@ def _storage_index(metadata: Any, storage: Storage, where: str) -> dict[tuple[st
         start = _field(info, "offset", where)
         length = _field(info, "length", where)
         if not isinstance(fqn, str) or not isinstance(file, str):
-            raise CorruptCheckpointError(f"{where}: malformed storage entry for {fqn!r}")
+            raise CorruptCheckpointError(f"{where}: malformed storage entry for {short_repr(fqn)}")
         if type(start) is not int or type(length) is not int or start < 0 or length < 0:
-            raise CorruptCheckpointError(f"{where}: {fqn!r} has byte range {start!r}+{length!r}")
+            raise CorruptCheckpointError(
+                f"{where}: {fqn!r} has byte range {short_repr(start)}+{short_repr(length)}"
+            )
         if file not in checked:
             storage.check_inside(file)
             checked.add(file)
@@ -247,7 +275,7 @@ def _path(planner: Any, fqn: str) -> ObjPath:
     path = planner.get(fqn) if isinstance(planner, dict) else None
     if (
         isinstance(path, tuple | list)
-        and path
+        and 0 < len(path) <= MAX_NESTING
         and all(isinstance(p, str) or (type(p) is int and p >= 0) for p in path)
         and ".".join(str(p) for p in path) == fqn
     ):
@@ -267,7 +295,7 @@ def parse_metadata(metadata: Any, storage: Storage) -> list[_Item]:
     items: list[_Item] = []
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
-            raise CorruptCheckpointError(f"{where}: key {fqn!r} is not a string")
+            raise CorruptCheckpointError(f"{where}: key {short_repr(fqn)} is not a string")
         kind = type(entry).__name__
         if kind == "BytesStorageMetadata":
             if (fqn, None) not in stored:
@@ -282,7 +310,9 @@ def parse_metadata(metadata: Any, storage: Storage) -> list[_Item]:
             state[0] if isinstance(state, tuple) and state else getattr(properties, "dtype", None)
         )
         if not isinstance(dtype, torch.dtype):
-            raise CorruptCheckpointError(f"{where}: {fqn!r} has no valid dtype ({dtype!r})")
+            raise CorruptCheckpointError(
+                f"{where}: {fqn!r} has no valid dtype ({short_repr(dtype)})"
+            )
         try:
             dtype_name(dtype, key=fqn)
         except InvalidStateError as exc:
@@ -372,9 +402,12 @@ class _Items:
                 f"{where}: the item is not a torch.save archive; only checkpoints written by "
                 "DCP's FileSystemWriter in its default torch_save format can be converted"
             )
-        stream.seek(0)
         try:
+            refuse_compressed(stream, f"{where}: the item")
+            stream.seek(0)
             return torch.load(stream, map_location="cpu", weights_only=weights_only), where
+        except CheckpointError:
+            raise
         except pickle.UnpicklingError as exc:
             raise unpickling_error(where, exc, trusted=not weights_only) from exc
         except Exception as exc:
@@ -436,7 +469,9 @@ def _assemble(entries: Sequence[tuple[ObjPath, Any]]) -> Any:
     children: dict[str | int, list[tuple[ObjPath, Any]]] = {}
     for rel, value in entries:
         if not rel:
-            raise CorruptCheckpointError(f"a value and its members are both stored: {entries!r}")
+            raise CorruptCheckpointError(
+                f"a value and its members are both stored: {short_repr(entries)}"
+            )
         children.setdefault(rel[0], []).append((rel[1:], value))
     if all(type(k) is int for k in children):
         return [_assemble(children[k]) for k in sorted(children, key=int)]
@@ -535,13 +570,17 @@ def import_dcp(
     try:
         values: dict[str, Any] = {}
         skipped: list[str] = []
+        budget = JsonBudget()
         for item in items:
             if item.stored is None:
                 continue
             try:
-                values[item.fqn] = reader.load(item.stored, weights_only=not trust_pickle)[0]
+                value, where = reader.load(item.stored, weights_only=not trust_pickle)
             except UnsafeCheckpointError as exc:
                 skipped.append(f"{item.fqn} (needs trust_pickle: {exc})")
+                continue
+            budget.charge(value, f"value {item.fqn!r} ({where})")
+            values[item.fqn] = value
         tensors = sorted(
             (item for item in items if item.tensor is not None),
             key=lambda item: _first_read(item.tensor),
@@ -550,8 +589,10 @@ def import_dcp(
         skipped += not_json
         if skipped:
             warnings.warn(
-                f"import_dcp: {len(skipped)} non-tensor value(s) of {storage.url} not converted: "
-                + "; ".join(skipped),
+                printable(  # the keys and files are the checkpoint's: a warning reaches a terminal
+                    f"import_dcp: {len(skipped)} non-tensor value(s) of {storage.url} not "
+                    "converted: " + "; ".join(skipped)
+                ),
                 stacklevel=2,
             )
         entries = [(item.fqn, reader.lazy(item.fqn, _tensor(item))) for item in tensors]

@@ -34,7 +34,8 @@ of a parameter merges with that parameter's rule.
 
 Files are memory-mapped and never unpickled beyond tensors, containers and DeepSpeed's few
 plain-data classes (mapped to inert stand-ins); each output tensor gathers its pieces when written
-and hands the source pages back, so memory stays at the largest tensor, not the model.
+and hands the source pages back, so memory stays at the largest tensor, not the model. Every
+file and folder read (``latest``, the tag folder, each ``.pt`` file) must resolve inside ``src``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,21 @@ import torch
 
 from unickpt.convert.spec import Rule, Spec
 from unickpt.convert.target import optimizer_step, write_converted
-from unickpt.convert.torchfile import load_torch_file, release_pages, reports_malformed_source
+from unickpt.convert.torchfile import (
+    JsonBudget,
+    inside,
+    load_torch_file,
+    read_tracker,
+    release_pages,
+    reports_malformed_source,
+)
 from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import (
     CheckpointNotFoundError,
     ConversionError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
+    short_repr,
 )
 from unickpt.format.manifest import Manifest
 
@@ -99,15 +108,18 @@ def checkpoint_folder(src: str | os.PathLike[str], tag: str | None = None) -> Pa
     """The folder holding the ``*_optim_states.pt`` files of ``src``'s checkpoint ``tag``.
 
     ``src`` is either that folder or the save directory above it; there ``tag`` defaults to the
-    one named by the ``latest`` file, as DeepSpeed's own loader does.
+    one named by the ``latest`` file, as DeepSpeed's own loader does. Both must resolve inside
+    ``src`` (UnsafeCheckpointError otherwise).
     """
     root = Path(src)
     if tag is None and (root / "latest").is_file() and not _optim_files_in(root):
-        tag = (root / "latest").read_text().strip()
+        tag = read_tracker(root, "latest")
     if tag is not None:
         if not tag or Path(tag).name != tag or tag in (".", ".."):
-            raise UnsafeCheckpointError(f"DeepSpeed tag {tag!r} under {root} is not a folder name")
-        root = root / tag
+            raise UnsafeCheckpointError(
+                f"DeepSpeed tag {short_repr(tag)} under {root} is not a folder name"
+            )
+        root = inside(root, root / tag)
     if not root.is_dir():
         raise CheckpointNotFoundError(f"no DeepSpeed checkpoint folder {root}")
     if not _optim_files_in(root):
@@ -176,7 +188,7 @@ def _gather(key: str, shape: tuple[int, ...], pieces: Sequence[_Piece]) -> LazyT
     origin = f"{len(pieces)} ZeRO partition piece(s) of {key}"
     if sum(p.numel for p in pieces) != math.prod(shape) or len({p.flat.dtype for p in pieces}) > 1:
         raise CorruptCheckpointError(
-            f"{key}: the ZeRO partitions hold {sum(p.numel for p in pieces)} element(s) "
+            f"{key!r}: the ZeRO partitions hold {sum(p.numel for p in pieces)} element(s) "
             f"({sorted({str(p.flat.dtype) for p in pieces})}) for a parameter of shape "
             f"{list(shape)}"
         )
@@ -232,9 +244,10 @@ class _RankState:
         }
 
 
-def _hyper_parameters(groups: Any, where: Path) -> list[dict[str, Any]]:
+def _hyper_parameters(groups: Any, where: Path, budget: JsonBudget) -> list[dict[str, Any]]:
     if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
         raise CorruptCheckpointError(f"{where}: optimizer param_groups is not a list of dicts")
+    budget.charge(groups, f"{where}: optimizer param_groups")  # before _json_value walks them
     return [
         {k: _json_value(v, f"{where}: param group {k!r}") for k, v in g.items()} for g in groups
     ]
@@ -265,10 +278,15 @@ _Module = Mapping[str, tuple[Path, torch.Tensor]]
 
 
 def _zero12_rank(
-    model_file: Path, optim_files: Sequence[Path], load: _Loader, layers: _Module | None
+    model_file: Path,
+    optim_files: Sequence[Path],
+    load: _Loader,
+    layers: _Module | None,
+    budget: JsonBudget,
 ) -> _RankState:
     """One model-parallel rank of a ZeRO-1/2 checkpoint; ``layers`` is its module when a
-    pipeline-parallel checkpoint stored it in layer files."""
+    pipeline-parallel checkpoint stored it in layer files. Its param groups are charged to
+    ``budget``."""
     model_state = load(model_file)
     shapes = _field(model_state, "param_shapes", model_file)
     optims = [_field(load(f), "optimizer_state_dict", f) for f in optim_files]
@@ -286,7 +304,7 @@ def _zero12_rank(
             f"{model_file}: param_shapes describe {len(shapes)} group(s), the optimizer has "
             f"{len(groups)}"
         )
-    rank = _RankState(groups=_hyper_parameters(groups, optim_files[0]))
+    rank = _RankState(groups=_hyper_parameters(groups, optim_files[0], budget))
     for g, group_shapes in enumerate(shapes):
         # each group is one flat tensor; its optimizer state is keyed by that tensor's index
         states = [
@@ -336,9 +354,10 @@ def _flat_index(groups: Sequence[Mapping[str, Any]], g: int, where: Path) -> Any
 
 
 def _zero3_rank(
-    model_files: Sequence[Path], optim_files: Sequence[Path], load: _Loader
+    model_files: Sequence[Path], optim_files: Sequence[Path], load: _Loader, budget: JsonBudget
 ) -> _RankState:
-    """One model-parallel rank of a ZeRO-3 checkpoint."""
+    """One model-parallel rank of a ZeRO-3 checkpoint; its param groups are charged to
+    ``budget``."""
     models = [load(f) for f in model_files]
     shapes = _field(models[0], "param_shapes", model_files[0])
     outer = [_field(load(f), "optimizer_state_dict", f) for f in optim_files]
@@ -352,7 +371,7 @@ def _zero3_rank(
             f"has {len(group_of)}"
         )
     dp = len(optim_files)
-    rank = _RankState(groups=_hyper_parameters(groups, optim_files[0]))
+    rank = _RankState(groups=_hyper_parameters(groups, optim_files[0], budget))
     for index, (sub_group, group_shapes) in enumerate(zip(sorted(group_of), shapes, strict=True)):
         states = [o["state"].get(sub_group) or {} for o in optims]
         offset = 0
@@ -432,21 +451,23 @@ def import_deepspeed(
     committed manifest.
     """
     folder = checkpoint_folder(src, tag)
+    budget = JsonBudget()  # for everything the manifest takes from the source besides tensors
 
     opened: dict[Path, Any] = {}
 
     def load(path: Path) -> Any:
-        """Each file unpickled once; its tensors stay memory-mapped, read when written."""
+        """Each file (inside ``src``) unpickled once; its tensors stay memory-mapped, read when
+        written."""
         if path not in opened:
             opened[path] = load_torch_file(
-                path, trust_pickle=trust_pickle, extra_globals=DEEPSPEED_GLOBALS
+                inside(Path(src), path), trust_pickle=trust_pickle, extra_globals=DEEPSPEED_GLOBALS
             )
         return opened[path]
 
     experts = sorted(p.name for p in folder.glob("layer_*_expert_*_model_states.pt"))
     if experts:
         raise ConversionError(
-            f"{folder} holds mixture-of-experts files ({experts[0]}, ...): DeepSpeed MoE "
+            f"{folder} holds mixture-of-experts files ({experts[0]!r}, ...): DeepSpeed MoE "
             "checkpoints are not supported"
         )
     optim_grid = _grid(_optim_files_in(folder), _OPTIM_FILE, f"{folder}: ZeRO optimizer")
@@ -461,9 +482,12 @@ def import_deepspeed(
                 f"{folder}: {len(model_grid)}x{len(model_grid[0])} model-state files for "
                 f"{len(optim_grid)}x{len(optim_grid[0])} optimizer files (mp x dp)"
             )
-        info = load(model_grid[0][0])
+        info_file = model_grid[0][0]
+        info = load(info_file)
         _check_dp_degree(info, optim_grid, folder)
-        ranks = [_zero3_rank(m, o, load) for m, o in zip(model_grid, optim_grid, strict=True)]
+        ranks = [
+            _zero3_rank(m, o, load, budget) for m, o in zip(model_grid, optim_grid, strict=True)
+        ]
         pp_degree = 1
     else:
         numbered = {
@@ -475,13 +499,14 @@ def import_deepspeed(
                 f"optimizer files for {len(optim_grid)} (mp_rank_XX_model_states.pt)"
             )
         model_files = [numbered[mp] for mp in range(len(optim_grid))]
-        info = load(model_files[0])
+        info_file = model_files[0]
+        info = load(info_file)
         _check_dp_degree(info, optim_grid, folder)
         pp_degree = int((info.get("checkpoint_parallel_dimensions") or {}).get("pp_degree", 1))
         _check_pp_degree(folder, len(model_files), pp_degree)
         layers = _pipeline_modules(folder, model_files, len(model_files) // pp_degree, load)
         ranks = [
-            _zero12_rank(m, o, load, layers[mp] if layers else None)
+            _zero12_rank(m, o, load, layers[mp] if layers else None, budget)
             for mp, (m, o) in enumerate(zip(model_files, optim_grid, strict=True))
         ]
     _check_pp_degree(folder, len(ranks), pp_degree)
@@ -516,12 +541,17 @@ def import_deepspeed(
         entry = {slot: slots[slot][out_key] for slot in SLOTS if out_key in slots[slot]}
         step = steps.get(out_key, set())
         if len(step) > 1:
-            raise ConversionError(f"{out_key}: its copies disagree on Adam's step: {sorted(step)}")
+            raise ConversionError(
+                f"{out_key!r}: its copies disagree on Adam's step: {sorted(step)}"
+            )
         if step:
             entry["step"] = optimizer_step(step.pop())
         if entry:
             optimizer_state[out_key] = entry
     groups = _param_groups(stages, names)
+    version = info.get("ds_version")
+    version = version if isinstance(version, str) else ""  # str() of a crafted value may not end
+    budget.charge(version, f"{info_file}: ds_version")
     return write_converted(
         dst,
         model,
@@ -532,7 +562,7 @@ def import_deepspeed(
             "format": "deepspeed",
             "path": os.fspath(folder),
             "zero_stage": stage,
-            "ds_version": str(info.get("ds_version", "")),
+            "ds_version": version,
             "dp_degree": len(optim_grid[0]),
             "tp_degree": tp_degree,
             "pp_degree": pp_degree,
@@ -578,7 +608,7 @@ def universal_spec(info: Any, stages: Sequence[Sequence[_RankState]]) -> Spec:
         exact = re.compile(f"^{re.escape(name)}$")
         if matches(_SUB_PARAMS, name) or matches(_PIPELINE_REPLICATED, name):
             raise ConversionError(
-                f"{name}: its universal_checkpoint_info uses {_SUB_PARAMS} or "
+                f"{name!r}: its universal_checkpoint_info uses {_SUB_PARAMS} or "
                 f"{_PIPELINE_REPLICATED}, which unickpt does not derive a merge from: pass a spec"
             )
         trained = name in ranks[0].params
@@ -592,7 +622,9 @@ def universal_spec(info: Any, stages: Sequence[Sequence[_RankState]]) -> Spec:
         elif matches(_VOCABULARY, name):
             true_size = info.get("original_vocab_size")
             if not isinstance(true_size, int):
-                raise ConversionError(f"{name}: a vocabulary parameter, but no original_vocab_size")
+                raise ConversionError(
+                    f"{name!r}: a vocabulary parameter, but no original_vocab_size"
+                )
             rule = Rule(exact, "vocab_pad", true_size=true_size, where=where)
         else:
             rule = Rule(exact, "shard", dim=1 if matches(_ROW_PARALLEL, name) else 0, where=where)
@@ -631,8 +663,8 @@ def _pipeline_modules(
         unnumbered = [n for n in names if not n.split(".", 1)[0].isdigit()]
         if unnumbered:
             raise ConversionError(
-                f"{model_file}: parameters outside the pipeline's numbered layers ({unnumbered[0]}"
-                ", ...; tied modules?) are not supported"
+                f"{model_file}: parameters outside the pipeline's numbered layers "
+                f"({unnumbered[0]!r}, ...; tied modules?) are not supported"
             )
         starts.append(min((int(n.split(".", 1)[0]) for n in names), default=None))
     modules: list[dict[str, tuple[Path, torch.Tensor]]] = [{} for _ in model_files]

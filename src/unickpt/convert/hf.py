@@ -30,6 +30,7 @@ from unickpt.errors import (
     CheckpointNotFoundError,
     ConversionError,
     CorruptCheckpointError,
+    short_repr,
 )
 from unickpt.format.dtypes import FROM_SAFETENSORS, torch_dtype
 from unickpt.format.manifest import MAX_COUNT, MAX_DIMS, Manifest
@@ -129,13 +130,13 @@ class SafetensorsFiles:
             or len(entry["data_offsets"]) != 2
         ):
             raise CorruptCheckpointError(
-                f"{where}: tensor {name!r} has a malformed header entry {entry!r}"
+                f"{where}: tensor {name!r} has a malformed header entry {short_repr(entry)}"
             )
         stored = FROM_SAFETENSORS.get(entry["dtype"])
         if stored is None:
             raise ConversionError(
-                f"{where}: tensor {name!r} has dtype {entry['dtype']}, which unickpt cannot store "
-                f"(supported: {', '.join(FROM_SAFETENSORS)})"
+                f"{where}: tensor {name!r} has dtype {entry['dtype']!r}, which unickpt cannot "
+                f"store (supported: {', '.join(FROM_SAFETENSORS)})"
             )
         dtype = torch_dtype(stored)
         shape = tuple(entry["shape"])
@@ -148,7 +149,7 @@ class SafetensorsFiles:
         nbytes = math.prod(shape) * dtype.itemsize
         if begin < 0 or end - begin != nbytes:
             raise CorruptCheckpointError(
-                f"{where}: tensor {name!r} ({entry['dtype']} {list(shape)}) has data offsets "
+                f"{where}: tensor {name!r} ({entry['dtype']!r} {list(shape)}) has data offsets "
                 f"[{begin}, {end}], which do not hold its {nbytes} bytes"
             )
         if start + end > size:

@@ -21,6 +21,9 @@ Optimizer parameter indices are mapped to names the way Megatron built its param
 each rank's parameters in ``model`` order, split into groups by its default rule (biases and 1-D
 parameters in the ``wd_mult == 0`` group); the mapping is checked against the group sizes and the
 state's shapes. Output param groups list parameters (as output names) in that order.
+
+Every file and folder read (the tracker file, the iteration folder, each rank's folder and file)
+must resolve inside ``src``.
 """
 
 from __future__ import annotations
@@ -37,9 +40,16 @@ import torch
 
 from unickpt.convert.spec import Spec
 from unickpt.convert.target import optimizer_step, write_converted
-from unickpt.convert.torchfile import load_torch_file, release_pages, reports_malformed_source
+from unickpt.convert.torchfile import (
+    JsonBudget,
+    inside,
+    load_torch_file,
+    read_tracker,
+    release_pages,
+    reports_malformed_source,
+)
 from unickpt.engine.stream import LazyTensor, Progress
-from unickpt.errors import CheckpointNotFoundError, ConversionError
+from unickpt.errors import CheckpointNotFoundError, ConversionError, short_repr
 from unickpt.format.manifest import Manifest
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
@@ -121,9 +131,10 @@ def import_megatron(
     the_spec = _resolve_spec(spec, args, tp, pp, variables)
     _check_tied_output(the_spec, args)
     releaser = _PageReleaser()
+    budget = JsonBudget()  # for the hyper-parameters of every rank's param groups
     for stage in files:
         for rank in stage:
-            rank.parse(releaser)
+            rank.parse(releaser, budget)
 
     model_stages = [[rank.model_tensors() for rank in stage] for stage in files]
     model = the_spec.merge(model_stages)
@@ -159,7 +170,8 @@ def import_megatron(
 def locate(
     src: str | os.PathLike[str], iteration: int | None = None
 ) -> tuple[Path, list[list[Path]]]:
-    """The iteration directory and its ``model_optim_rng.pt`` files as ``[pp][tp]``."""
+    """The iteration directory and its ``model_optim_rng.pt`` files as ``[pp][tp]``, each
+    resolving inside ``src`` (UnsafeCheckpointError otherwise)."""
     root = Path(src)
     if not root.is_dir():
         raise CheckpointNotFoundError(f"no Megatron checkpoint directory at {root}")
@@ -170,20 +182,29 @@ def locate(
     elif _rank_dirs(root):
         folder = root
     elif (root / TRACKER_FILE).is_file():
-        text = (root / TRACKER_FILE).read_text().strip()
+        text = read_tracker(root, TRACKER_FILE)
         if text == "release":
             folder = root / "release"
         elif text.isdigit():
             folder = root / f"iter_{int(text):07d}"
         else:
-            raise ConversionError(f"{root / TRACKER_FILE}: expected an iteration or 'release'")
+            raise ConversionError(
+                f"{root / TRACKER_FILE}: expected an iteration or 'release', found "
+                f"{short_repr(text)}"
+            )
         if not folder.is_dir():
             raise CheckpointNotFoundError(f"{root / TRACKER_FILE} names {folder}, which is missing")
     else:
         raise CheckpointNotFoundError(
             f"{root} is not a Megatron checkpoint: no {TRACKER_FILE} and no mp_rank_* directories"
         )
-    return folder, _rank_grid(folder)
+    if folder != root:
+        inside(root, folder)
+    files = _rank_grid(folder)
+    for stage in files:
+        for path in stage:
+            inside(root, path)
+    return folder, files
 
 
 def _rank_dirs(folder: Path) -> dict[str, re.Match[str]]:
@@ -232,7 +253,8 @@ def _rank_grid(folder: Path) -> list[list[Path]]:
 
 @dataclass
 class _Group:
-    """One optimizer param group of one rank: hyper-parameters and its parameters' keys."""
+    """One optimizer param group of one rank: hyper-parameters (JSON-able) and its parameters'
+    keys."""
 
     options: dict[str, Any]
     keys: list[str]
@@ -261,7 +283,7 @@ class _RankFile:
             raise ConversionError(
                 f"{path}: interleaved (virtual) pipeline checkpoints ({chunks}) are not supported"
                 if chunks
-                else f"{path}: no 'model' entry (found {sorted(map(str, content))})"
+                else f"{path}: no 'model' entry (found {short_repr(list(content))})"
             )
         return _RankFile(path, content)
 
@@ -275,10 +297,11 @@ class _RankFile:
         return self.content.get("args")
 
     def where(self, key: str) -> str:
-        return f"{self.path.parent.name}/{self.path.name}:{key}"
+        return f"{self.path.parent.name}/{self.path.name}:{key!r}"
 
-    def parse(self, releaser: _PageReleaser) -> None:
-        """Wrap the model tensors and, when present, the optimizer state."""
+    def parse(self, releaser: _PageReleaser, budget: JsonBudget) -> None:
+        """Wrap the model tensors and, when present, the optimizer state (its hyper-parameters
+        charged to ``budget``)."""
         model = self.content["model"]
         if not isinstance(model, Mapping):
             raise ConversionError(f"{self.path}: 'model' is a {type(model).__name__}, not a dict")
@@ -291,13 +314,13 @@ class _RankFile:
                 raise ConversionError(
                     f"{self.where(key)}: expected a tensor, found {type(value).__name__}"
                 )
-        self._parse_optimizer(releaser)
+        self._parse_optimizer(releaser, budget)
 
     def model_tensors(self) -> dict[str, LazyTensor]:
         """The model dict, fp32 master copies standing in for the low-precision weights."""
         return {key: self.masters.get(key, lazy) for key, lazy in self.model.items()}
 
-    def _parse_optimizer(self, releaser: _PageReleaser) -> None:
+    def _parse_optimizer(self, releaser: _PageReleaser, budget: JsonBudget) -> None:
         wrapped = self.content.get("optimizer")
         if wrapped is None:
             return
@@ -314,15 +337,20 @@ class _RankFile:
         groups = inner["param_groups"]
         assigned = self._assign_groups(groups)
         index_key: dict[int, str] = {}
-        for group, keys in zip(groups, assigned, strict=True):
+        for g, (group, keys) in enumerate(zip(groups, assigned, strict=True)):
             index_key.update(zip(group["params"], keys, strict=True))
-            self.groups.append(_Group({k: v for k, v in group.items() if k != "params"}, keys))
+            options = _options({k: v for k, v in group.items() if k != "params"})
+            # before anything compares or writes them: a crafted value can be exponential
+            budget.charge(options, f"{self.path}: optimizer param group {g}")
+            self.groups.append(_Group(options, keys))
             if isinstance(group.get("step"), int | float | torch.Tensor):
                 self.steps.add(float(group["step"]))
         self._parse_masters(wrapped, groups, assigned, releaser)
         for index, entries in inner["state"].items():
             if index not in index_key:
-                raise ConversionError(f"{self.path}: optimizer state for unknown index {index}")
+                raise ConversionError(
+                    f"{self.path}: optimizer state for unknown index {short_repr(index)}"
+                )
             key = index_key[index]
             slots: dict[str, LazyTensor] = {}
             for slot, value in entries.items():
@@ -334,7 +362,7 @@ class _RankFile:
                     found = tuple(value.shape) if isinstance(value, torch.Tensor) else value
                     raise ConversionError(
                         f"{where}: expected a tensor of the parameter's shape "
-                        f"{self.model[key].shape}, found {found!r}"
+                        f"{self.model[key].shape}, found {short_repr(found)}"
                     )
                 slots[slot] = releaser.source(value, where)
             self.state[key] = slots
@@ -595,7 +623,7 @@ def _param_groups(
                     f"{reference.path} has {len(reference.groups)}"
                 )
             for g, group in enumerate(rank.groups):
-                if _options(group.options) != _options(reference.groups[g].options):
+                if group.options != reference.groups[g].options:
                     raise ConversionError(
                         f"{rank.path}: param group {g}'s hyper-parameters differ from "
                         f"{reference.path}'s"
@@ -608,7 +636,7 @@ def _param_groups(
         raise ConversionError(f"parameters in more than one optimizer param group: {twice}")
     groups = []
     for group, names in zip(reference.groups, members, strict=True):
-        options = _options(group.options)
+        options = dict(group.options)
         if drop_step:  # the step moves into each parameter's state, as torch's Adam keeps it
             options.pop("step", None)
         groups.append({**options, "params": [key for key in model if key in names]})

@@ -5,6 +5,12 @@ here (or by the importer asking); anything else is refused with an error that na
 and points at ``trust_pickle`` / ``--trust-pickle``. Files are memory-mapped, so a tensor's bytes
 are read when used; :func:`release_pages` hands them back to the kernel afterwards, which keeps a
 converter's resident memory at the tensors in flight instead of the files it has touched.
+
+What the importers of local sources (DeepSpeed, Megatron) share besides: every file and folder
+they read must resolve inside the source (:func:`inside`), tracker files are read only as far as
+a tag can be long (:func:`read_tracker`), archives with compressed members are refused
+(:func:`refuse_compressed`), the non-tensor values bound for the manifest are sized before they
+are turned into JSON (:class:`JsonBudget`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 import torch
 
@@ -31,7 +37,12 @@ from unickpt.errors import (
     CorruptCheckpointError,
     StorageError,
     UnsafeCheckpointError,
+    printable,
+    short_repr,
 )
+from unickpt.format.manifest import MAX_MANIFEST_BYTES
+from unickpt.format.untrusted import json_size_bound
+from unickpt.storage import LocalStorage
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -52,8 +63,12 @@ def reports_malformed_source(kind: str) -> Callable[[Callable[_P, _R]], Callable
                 raise
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 source = args[0] if args else kwargs.get("src")
+                # the message may quote a crafted value (int() of a huge string quotes it whole)
+                text = str(exc)
+                cause = text if len(text) <= 300 else f"{text[:300]}..."
                 raise CorruptCheckpointError(
-                    f"{source} is not a well-formed {kind} checkpoint: {type(exc).__name__}: {exc}"
+                    f"{source} is not a well-formed {kind} checkpoint: {type(exc).__name__}: "
+                    f"{printable(cause)}"
                 ) from exc
 
         return run
@@ -88,6 +103,8 @@ def load_torch_file(
         raise CheckpointNotFoundError(f"no such file: {where}")
     use_mmap = zipfile.is_zipfile(where)  # the legacy (pre-1.6) format cannot be mapped
     try:
+        if use_mmap:
+            refuse_compressed(where, where)
         if trust_pickle:
             return torch.load(where, map_location="cpu", weights_only=False, mmap=use_mmap)
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_globals]):
@@ -110,6 +127,26 @@ def load_torch_file(
         ) from exc
 
 
+def refuse_compressed(archive: str | IO[bytes], where: str) -> None:
+    """Raise CorruptCheckpointError naming ``where`` unless every member of the zip ``archive``
+    (a path or a seekable file) is stored uncompressed, as ``torch.save`` writes them all.
+
+    ``torch.load`` inflates a compressed member into memory: DEFLATE packs a run of zeros about
+    1000x, so a file of megabytes could make a converter allocate and write gigabytes. Only the
+    central directory is read (the member sizes and methods ``torch.load`` goes by too).
+    """
+    try:
+        with zipfile.ZipFile(archive) as listing:
+            packed = [m for m in listing.infolist() if m.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{where} is not a readable torch file: {exc}") from exc
+    if packed:
+        raise CorruptCheckpointError(
+            f"{where} has {len(packed)} compressed record(s) ({packed[0].filename!r}, ...); "
+            "torch.save writes none, and unickpt does not inflate them"
+        )
+
+
 def unpickling_error(
     where: str, exc: pickle.UnpicklingError, *, trusted: bool
 ) -> CorruptCheckpointError | UnsafeCheckpointError:
@@ -120,7 +157,7 @@ def unpickling_error(
         return CorruptCheckpointError(f"{where} cannot be unpickled: {_weights_only_cause(exc)}")
     return UnsafeCheckpointError(
         f"{where} needs Python objects that unickpt does not load by default "
-        f"(global {global_name.group(1)} is not allow-listed). Unpickling them can execute "
+        f"(global {global_name.group(1)!r} is not allow-listed). Unpickling them can execute "
         "arbitrary code: re-run with --trust-pickle (trust_pickle=True) only if you trust "
         "where this file came from"
     )
@@ -150,6 +187,64 @@ def release_pages(tensor: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
+def inside(root: Path, path: Path) -> Path:
+    """``path``, a file or folder below ``root``, once known to resolve inside ``root``;
+    UnsafeCheckpointError naming it otherwise (a symlink to elsewhere). The check is the local
+    storage's, which every path of an HF or DCP source passes: a source must not make a
+    conversion read, and write into its output, files its owner did not put in it."""
+    LocalStorage(os.fspath(root)).check_inside(path.relative_to(root).as_posix())
+    return path
+
+
+MAX_TRACKER_BYTES = 4096  # a tag or an iteration number; anything longer names no checkpoint
+
+
+def read_tracker(root: Path, name: str) -> str:
+    """The stripped text of ``root``'s tracker file ``name`` (DeepSpeed's ``latest``,
+    Megatron's ``latest_checkpointed_iteration.txt``): inside ``root``, at most
+    :data:`MAX_TRACKER_BYTES` of UTF-8, or CorruptCheckpointError naming it. Only that much is
+    read, however large the file claims to be."""
+    path = inside(root, root / name)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_TRACKER_BYTES + 1)
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    if len(data) > MAX_TRACKER_BYTES:
+        raise CorruptCheckpointError(
+            f"{path} is longer than the {MAX_TRACKER_BYTES} bytes a tag or an iteration takes: "
+            f"{short_repr(data)}"
+        )
+    try:
+        return data.decode().strip()
+    except UnicodeDecodeError as exc:
+        raise CorruptCheckpointError(f"{path} is not UTF-8 text: {short_repr(data)}") from exc
+
+
+class JsonBudget:
+    """What the non-tensor values one conversion takes from its source may add up to as JSON.
+
+    They all go into one manifest, which readers refuse beyond ``MAX_MANIFEST_BYTES``; and a
+    value unpickled from a few hundred bytes can be exponentially larger as JSON (a list that
+    holds another twice, 40 deep), so that ``json.dumps``, ``repr`` or a recursive walk of it
+    would never end. :meth:`charge` each value before anything walks it.
+    """
+
+    def __init__(self, limit: int = MAX_MANIFEST_BYTES) -> None:
+        self.left = limit
+
+    def charge(self, value: Any, what: str) -> None:
+        """Count ``value`` against the budget; CorruptCheckpointError naming ``what`` (its key
+        and file) once the values so far would not fit in a manifest."""
+        size = json_size_bound(value, self.left)
+        if size > self.left:
+            raise CorruptCheckpointError(
+                f"{what} is too large as JSON: with the values before it, more than the "
+                f"{MAX_MANIFEST_BYTES} bytes a manifest may hold"
+            )
+        self.left -= size
+
+
 def tensor_files(root: str | os.PathLike[str], pattern: str) -> list[Path]:
     """Files under ``root`` matching a glob ``pattern``, sorted; CheckpointNotFoundError if none."""
     found = sorted(Path(root).glob(pattern))
@@ -158,4 +253,14 @@ def tensor_files(root: str | os.PathLike[str], pattern: str) -> list[Path]:
     return found
 
 
-__all__ = ["SAFE_GLOBALS", "load_torch_file", "release_pages", "tensor_files"]
+__all__ = [
+    "MAX_TRACKER_BYTES",
+    "SAFE_GLOBALS",
+    "JsonBudget",
+    "inside",
+    "load_torch_file",
+    "read_tracker",
+    "refuse_compressed",
+    "release_pages",
+    "tensor_files",
+]
