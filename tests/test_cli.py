@@ -282,6 +282,21 @@ def test_gc_failure_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None
     assert result.stderr == "ERROR: cannot list s3://bucket/run: access denied\n", result.stderr
 
 
+def test_a_lone_surrogate_is_refused_at_save_and_printed_escaped(tmp_path: pathlib.Path) -> None:
+    """JSON can escape a lone surrogate, but the safetensors library refuses a header naming
+    one, and no encoding prints one: save refuses such a key, and inspect shows a crafted
+    manifest's escaped instead of failing with UnicodeEncodeError."""
+    path = tmp_path / "ck"
+    with pytest.raises(unickpt.InvalidStateError, match="lone surrogate"):
+        unickpt.save(os.fspath(path), {"w\ud800": torch.zeros(2)})
+    unickpt.save(os.fspath(path), {"wx": torch.zeros(2)})
+    manifest = path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"wx"', '"w\\ud800"'))
+    shown = invoke("inspect", os.fspath(path))
+    assert shown.exit_code == 0, shown.output
+    assert "w\\ud800" in shown.stdout, shown.stdout
+
+
 def test_control_characters_from_a_checkpoint_are_printed_escaped(tmp_path: pathlib.Path) -> None:
     """Names from a checkpoint cannot send escape sequences to the terminal (or a log file):
     each control character (C0, DEL, C1) is printed as repr writes it."""

@@ -267,6 +267,13 @@ class SaveView:
     def _claim(self, key: str) -> None:
         if key in self.shards or key in self.objects or key in self.opaque:
             raise InvalidStateError(f"two state entries flatten to the same key {key!r}")
+        try:
+            key.encode()
+        except UnicodeEncodeError:  # JSON escapes it, and the safetensors library refuses that
+            raise InvalidStateError(
+                f"state key {key!r} holds a lone surrogate, which is no Unicode text: "
+                "safetensors readers cannot read a file naming it"
+            ) from None
 
 
 MemoryView = tuple[int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]
