@@ -41,9 +41,11 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     and readers that keep the last would see two different checkpoints."""
     out = dict(pairs)
     if len(out) != len(pairs):
-        names = [name for name, _ in pairs]
-        twice = next(name for index, name in enumerate(names) if name in names[:index])
-        raise ValueError(f"the name {twice!r} appears twice in one object")
+        seen: set[str] = set()  # not names[:i] for each i: a 200k-name manifest took 20 min
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"the name {name!r} appears twice in one object")
+            seen.add(name)
     return out
 
 

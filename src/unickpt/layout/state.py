@@ -8,6 +8,7 @@ so optimizer state reshards with its parameter; other objects with ``state_dict(
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import json
@@ -205,7 +206,7 @@ def _optimizer_param_names(
     if len({id(p) for p in params}) != len(params):
         raise InvalidStateError(f"optimizer {key!r} holds a parameter twice")
     out = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-    if clashes := sorted({n for n in out if out.count(n) > 1}):
+    if clashes := sorted(n for n, count in collections.Counter(out).items() if count > 1):
         raise InvalidStateError(
             f"optimizer {key!r}: parameters of different modules share the names "
             f"{clashes[:5]} (its state is keyed by parameter name): put those modules under one "
