@@ -310,6 +310,17 @@ def test_a_name_twice_in_one_json_object_is_corrupt(ckpt: str) -> None:
         unickpt.inspect(ckpt)
 
 
+def test_a_state_nested_beyond_the_recursion_limit_is_named(ckpt_root: str) -> None:
+    deep: Any = torch.ones(1)
+    for level in range(2000):
+        deep = {f"l{level}": deep} if level % 2 else [deep]
+    with pytest.raises(unickpt.InvalidStateError, match="nested deeper than Python's"):
+        unickpt.save(ckpt_root, {"t": torch.ones(1), "deep": deep})
+    unickpt.save(ckpt_root, {"t": torch.ones(1)})
+    with pytest.raises(unickpt.InvalidStateError, match="nested deeper than Python's"):
+        unickpt.load(ckpt_root, {"t": torch.ones(1), "deep": deep})
+
+
 def test_a_name_twice_among_many_is_found_in_linear_time() -> None:
     """The duplicate search was quadratic: 18 s for 50k names, 20 min for a 200k-tensor
     manifest with one name repeated."""

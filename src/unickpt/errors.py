@@ -44,7 +44,8 @@ class StateMismatchError(CheckpointError):
 
 
 class InvalidStateError(CheckpointError):
-    """The state passed to ``save`` cannot be checkpointed as given (bad key, leaf or sharding)."""
+    """The state passed to ``save`` cannot be checkpointed as given (bad key, leaf or sharding),
+    or one passed to ``load`` cannot be walked (nested too deeply)."""
 
 
 class StateChangedError(CheckpointError):

@@ -9,6 +9,7 @@ so optimizer state reshards with its parameter; other objects with ``state_dict(
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 import json
@@ -311,8 +312,9 @@ def collect_for_save(
     """
     check_state(state)
     view = SaveView()
-    names = _param_names(state)
-    buffers = _buffer_views(state)
+    with _not_too_deep(view):
+        names = _param_names(state)
+        buffers = _buffer_views(state)
 
     def leaf(key: str, value: Any) -> None:
         view._claim(key)
@@ -351,8 +353,9 @@ def collect_for_save(
         else:
             leaf(key, value)
 
-    for child_key, child, _ in _children(state, ""):
-        walk(child, child_key)
+    with _not_too_deep(view):
+        for child_key, child, _ in _children(state, ""):
+            walk(child, child_key)
     return view
 
 
@@ -498,7 +501,8 @@ def collect_for_load(
     """Flatten the targets of a load; ``ckpt_*`` describe the checkpoint (for optimizer state)."""
     check_state(state)
     view = LoadView()
-    names = _param_names(state)
+    with _not_too_deep(view):
+        names = _param_names(state)
 
     def walk(value: Any, key: str, setter: Setter) -> None:
         if isinstance(value, torch.optim.Optimizer):
@@ -524,9 +528,24 @@ def collect_for_load(
         else:
             view.add_object(key, lambda saved: setter(_in_live_form(value, saved)))
 
-    for child_key, child, name in _children(state, ""):
-        walk(child, child_key, _item_setter(state, name))
+    with _not_too_deep(view):
+        for child_key, child, name in _children(state, ""):
+            walk(child, child_key, _item_setter(state, name))
     return view
+
+
+@contextlib.contextmanager
+def _not_too_deep(view: SaveView | LoadView) -> Iterator[None]:
+    """A RecursionError of a walk (or of a check it makes) becomes an InvalidStateError."""
+    try:
+        yield
+    except RecursionError:
+        last = next(reversed([*view.shards, *view.objects]), None)
+        raise InvalidStateError(
+            "the state is nested deeper than Python's recursion limit lets unickpt walk it"
+            + (f" (after {last!r})" if last else "")
+            + "; flatten it, or save the deep value as one JSON string"
+        ) from None
 
 
 def _fills_in_place(stateful: Any, sd: Any) -> bool:
