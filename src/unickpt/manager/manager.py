@@ -520,9 +520,9 @@ class CheckpointManager:
         with self._lock:
             waiting = len(self._active)  # checkpoints ahead of this one
             self._active[name] += 1
-            warn = len(self.tiers) > 1 and waiting > max(1, self._backlog_warned)
+            warn = len(self.tiers) > 1 and waiting >= 2 * max(1, self._backlog_warned)
             self._backlog_warned = waiting if warn or waiting <= 1 else self._backlog_warned
-        if warn:  # once per new high, not at every save
+        if warn:  # at 2, 4, 8... waiting: a growing backlog makes each save a new high
             log.warning(
                 "unickpt: %d checkpoints are still to be drained when %s is saved: saves come "
                 "faster than the slower tiers take them (the memory tier keeps them all)",
