@@ -846,8 +846,8 @@ def test_a_drain_failing_to_get_memory_on_one_rank_fails_on_every_rank(
 
 
 def _steps_1_and_2_saved(root: str) -> Any:
-    """Commit steps 1 and 2 under ``root``; return the manager's module, whose read_manifest
-    the tests below replace to fail as they need."""
+    """Commit steps 1 and 2 under ``root``; return the manager's module, whose read_summary
+    (listing) and read_manifest (restore) the tests below replace to fail as they need."""
     import importlib
 
     manager = CheckpointManager(root, every_n_steps=1, keep_last=5, mode="sync")
@@ -869,7 +869,7 @@ def test_a_candidate_deleted_under_restore_raises_instead_of_going_back(
 
     def deleted_first(storage: Any) -> Any:
         reads.append(storage.url)
-        if reads.count(storage.url) == 2 and storage.url.endswith(CheckpointManager.name_for(2)):
+        if reads.count(storage.url) == 1 and storage.url.endswith(CheckpointManager.name_for(2)):
             shutil.rmtree(os.path.join(ckpt_root, CheckpointManager.name_for(2)))  # once listed
         return read_manifest(storage)
 
@@ -887,14 +887,14 @@ def test_a_manifest_the_storage_fails_to_read_fails_restore_instead_of_going_bac
     checkpoint: the tier cannot be listed now, and restore raises rather than resume from the
     step before (the run would then save over the newest)."""
     module = _steps_1_and_2_saved(ckpt_root)
-    read_manifest = module.read_manifest
+    read_summary = module.read_summary
 
     def flaky(storage: Any) -> Any:
         if storage.url.endswith(CheckpointManager.name_for(2)):
             raise unickpt.StorageError(f"{storage.url}: connection reset")
-        return read_manifest(storage)
+        return read_summary(storage)
 
-    monkeypatch.setattr(module, "read_manifest", flaky)
+    monkeypatch.setattr(module, "read_summary", flaky)
     with pytest.raises(unickpt.StorageError, match="cannot be listed now"):
         CheckpointManager(ckpt_root).restore(_state(seed=9))
 
@@ -959,3 +959,26 @@ def test_an_interrupted_save_after_close_leaves_the_drains_in_step(
     tiers = [str(tmp_path / "fast"), str(tmp_path / "slow")]
     outcomes = run_distributed(2, _interrupted_after_a_close, tiers, pg_timeout=20, timeout=90)
     assert outcomes == ["CheckpointError", "KeyboardInterrupt"]
+
+
+def test_listing_a_run_reads_only_what_it_lists(ckpt_root: str) -> None:
+    """A new manager's list(), latest() and restore() validated every kept checkpoint's whole
+    manifest: a minute to restart a run keeping 20 checkpoints of 50k tensors. Listing reads
+    their steps and metrics; a load validates the manifest it reads."""
+    state = {f"t{i}": torch.zeros(1) for i in range(20_000)}
+    first = os.path.join(ckpt_root, CheckpointManager.name_for(1))
+    unickpt.save(first, state, step=1)
+    for step in range(2, 11):  # the same checkpoint again, at no cost: hard links
+        copy = os.path.join(ckpt_root, CheckpointManager.name_for(step))
+        shutil.copytree(first, copy, copy_function=os.link)
+        doc = json.loads(pathlib.Path(copy, "manifest.json").read_text())
+        os.unlink(os.path.join(copy, "manifest.json"))
+        pathlib.Path(copy, "manifest.json").write_text(json.dumps({**doc, "step": step}))
+    full = []
+    for _ in range(2):
+        started = time.monotonic()
+        unickpt.inspect(first)  # one manifest, validated in full
+        full.append(time.monotonic() - started)
+    started = time.monotonic()
+    assert _steps(CheckpointManager(ckpt_root)) == list(range(1, 11))
+    assert time.monotonic() - started < 5 * min(full)  # was 10x: every one in full

@@ -39,7 +39,7 @@ from unickpt.errors import (
     error_vote,
     peer_error,
 )
-from unickpt.format.manifest import MANIFEST, RNG_KEY, Manifest, read_manifest
+from unickpt.format.manifest import MANIFEST, RNG_KEY, Manifest, read_manifest, read_summary
 from unickpt.layout.sharded import ShardedTensor
 from unickpt.layout.state import check_state, plain_step
 from unickpt.manager import rng
@@ -607,16 +607,16 @@ class CheckpointManager:
         if key not in self._infos:
             tier = self.tiers[index]
             try:  # one bad directory (corrupt, incomplete, a symlink out) is not the tier's
-                manifest = read_manifest(tier.storage.child(name))
+                summary = read_summary(tier.storage.child(name))
             except StorageError:
                 raise  # unreachable now, not absent: the tier cannot be listed
             except CheckpointError:
                 return None
-            metrics = manifest.user_metadata.get("metrics", {})
+            metrics = summary.user_metadata.get("metrics", {})
             self._infos[key] = CheckpointInfo(
                 name,
                 tier.path(name),
-                manifest.step,
+                summary.step,
                 metrics if isinstance(metrics, dict) else {},
                 (tier.url,),
             )
