@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -390,3 +391,20 @@ def test_files_are_fsynced_before_they_are_published(tmp_path: os.PathLike[str])
     for src in published:
         publish = events.index(("publish", src))
         assert ("fsync", src) in events[:publish], f"{src} was published before an fsync"
+
+
+@pytest.mark.parametrize("target", ["loop", "notes.txt/x"])
+def test_a_link_that_cannot_be_followed_is_listed_as_a_file(tmp_path: Any, target: str) -> None:
+    """A link to itself (ELOOP) or through a file (ENOTDIR) is one entry, as os.walk has it:
+    it hid its whole directory from the listing, so a save into a directory of user files
+    went ahead, and gc took a checkpoint for empty."""
+    root = tmp_path / "ck"
+    (root / "data").mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    os.symlink(target, root / "loop")
+    assert LocalStorage(os.fspath(root)).list() == ["loop", "notes.txt"]
+    with pytest.raises(unickpt.CheckpointError, match="no unickpt save wrote"):
+        unickpt.save(os.fspath(root), {"w": torch.ones(3)})
+    storage = LocalStorage(os.fspath(tmp_path))
+    storage.delete_prefix("ck")
+    assert not root.exists()

@@ -180,7 +180,7 @@ def test_torch_files_load_weights_only_and_refuse_code(tmp_path: pathlib.Path) -
     torch.save({"w": torch.ones(1), "x": Exploit(str(marker))}, bad)
     with pytest.raises(
         UnsafeCheckpointError,
-        match=r"bad\.pt needs .*global posix\.system is not allow-listed.*--trust-pickle",
+        match=r"bad\.pt needs .*global 'posix\.system' is not allow-listed.*--trust-pickle",
     ):
         load_torch_file(bad)
     assert not marker.exists()

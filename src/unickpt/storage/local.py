@@ -43,7 +43,10 @@ def _walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
         try:
             with os.scandir(directory) as entries:
                 for entry in entries:
-                    is_dir = entry.is_dir()
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:  # a link looping or into a private directory: a file
+                        is_dir = False
                     (subdirectories if is_dir else files).append(entry.name)
                     if is_dir and entry.is_symlink():
                         linked.add(entry.name)
