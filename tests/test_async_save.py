@@ -840,3 +840,30 @@ def test_a_tensor_shrunk_before_its_lazy_copy_fails_the_save(ckpt_root: str) -> 
     with pytest.raises(unickpt.StateChangedError, match="'w' changed size since the save"):
         handle.wait()
     assert not os.path.exists(f"{storage.root}/manifest.json"), "the shrunk state was committed"
+
+
+@pytest.mark.timeout(60, method="thread")  # the hang was in C (an Event's wait)
+@pytest.mark.parametrize("mode", ["async", "lazy"])
+def test_a_save_without_a_thread_fails_alone(
+    ckpt_root: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread for a background save (a container's pids limit): the save raises, and the
+    next optimizer step and save go on (they waited forever for the save that never ran)."""
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def once(thread: threading.Thread) -> None:
+        if thread.name == "unickpt-save" and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", once)
+    model = torch.nn.Linear(4, 4)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        unickpt.save(f"{ckpt_root}/a", {"m": model, "o": optim}, mode=mode)
+    model(torch.ones(1, 4)).sum().backward()
+    optim.step()
+    unickpt.save(f"{ckpt_root}/b", {"m": model, "o": optim}, mode=mode).wait()
+    unickpt.verify(f"{ckpt_root}/b")
