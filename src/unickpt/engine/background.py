@@ -162,8 +162,10 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def checkpoint_comm() -> Comm:
-    """Collectives for background saves: a gloo group of all ranks, separate from training's."""
+def _checkpoint_comm() -> Comm:
+    """Collectives for background saves: a gloo group of all ranks, separate from training's.
+    Taken when a job is submitted: a job that ran after ``destroy_process_group()`` and took
+    its comm then would see a world of one and save alone on every rank, into one path."""
     global _group
     if not (dist.is_available() and dist.is_initialized()):
         return Comm()
@@ -213,15 +215,16 @@ def release_staging_memory() -> None:
         POOL.clear()
 
 
-def reserve(job: Callable[[], None]) -> SaveHandle:
+def reserve(job: Callable[[Comm], None]) -> SaveHandle:
     """Run ``job`` (a collective that plans a save and fills :data:`POOL`) in the background,
     after the jobs already started; unlike a save, it is never in flight for :func:`admit`."""
     _ensure_group()
+    comm = _checkpoint_comm()
     handle = SaveHandle("staging pool")
 
     def run() -> None:
         try:
-            job()
+            job(comm)
         except BaseException as exc:
             log.warning("unickpt: could not prepare the staging pool: %s", str(exc))
             handle._finish(None, exc)
@@ -277,15 +280,16 @@ def _clear_frames(error: BaseException) -> None:
 
 def start(
     path: str,
-    stage: Callable[[], None],
-    finish: Callable[[], SaveResult],
+    stage: Callable[[Comm], None],
+    finish: Callable[[Comm], SaveResult],
     *,
     lazy: bool,
 ) -> SaveHandle:
     """Run ``stage`` (here, or in the background when ``lazy``) and then ``finish`` in the
-    background; the returned handle reports both."""
+    background, both with the checkpoint group's comm; the returned handle reports both."""
     global _in_flight, _lazy_pending, _started_any
     _ensure_group()
+    comm = _checkpoint_comm()
     distributed = _group is not None
     handle = SaveHandle(path)
     with _lock:  # before staging, which may raise on this rank alone: admit() stays collective
@@ -293,7 +297,7 @@ def start(
     if not lazy:
         _jobs.wait()  # a reservation may still be filling the pool
         try:
-            stage()
+            stage(comm)
         except BaseException as exc:
             handle._finish(None, exc)
             raise
@@ -305,10 +309,10 @@ def start(
         try:
             if lazy:
                 try:
-                    stage()
+                    stage(comm)
                 finally:
                     handle._staged.set()  # never leave a step hook blocked
-            handle._finish(finish(), None)
+            handle._finish(finish(comm), None)
         except BaseException as exc:
             if distributed and not dist.is_initialized():
                 cut_off = CheckpointError(

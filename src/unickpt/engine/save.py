@@ -480,8 +480,7 @@ def _save(
     staged: list[_Planned] = []  # filled by stage(), read by finish()
     interrupts: list[BaseException] = []  # in an async copy (a second Ctrl-C): the caller's
 
-    def stage() -> None:  # in the caller (async) or in the background (lazy)
-        comm = background.checkpoint_comm()
+    def stage(comm: Comm) -> None:  # in the caller (async) or in the background (lazy)
         _claim(prepared, comm.rank)
         with _abandon_on_failure(prepared, comm), _let_go_on_failure(prepared):
             planned = _plan(prepared, comm)
@@ -503,8 +502,7 @@ def _save(
                         planned.error = changed
             staged.append(planned)
 
-    def finish() -> SaveResult:
-        comm = background.checkpoint_comm()
+    def finish(comm: Comm) -> SaveResult:
         if interrupts:  # raised in the caller already (below)
             staged[0].error = CheckpointError(
                 f"save to {prepared.url} was interrupted while copying the state "
@@ -541,8 +539,8 @@ def reserve_staging(state: dict[str, Any], *, allow_pickle: bool = False) -> bac
     comm = Comm()
     collected = _collect(state, rank=comm.rank, allow_pickle=allow_pickle)
 
-    def reserve() -> None:
-        planned = _plan(collected, background.checkpoint_comm())
+    def reserve(comm: Comm) -> None:
+        planned = _plan(collected, comm)
         with collected.timer("reserve"):
             background.POOL.images([f.data_bytes for f in planned.layouts])
         log.info(
