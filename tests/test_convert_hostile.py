@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,9 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from unickpt.convert.dcp import import_dcp
 from unickpt.convert.deepspeed import import_deepspeed
 from unickpt.convert.megatron import TRACKER_FILE, import_megatron
-from unickpt.convert.torchfile import load_torch_file
+from unickpt.convert.torchfile import JsonBudget, load_torch_file
 from unickpt.errors import ConversionError, CorruptCheckpointError, UnsafeCheckpointError
+from unickpt.format.untrusted import json_size_bound
 from unickpt.storage.local import LocalStorage
 
 # dcp.save in one process says so even when told (no_dist=True)
@@ -198,7 +200,9 @@ def test_compressed_torch_file_is_refused(tmp_path: Path) -> None:
 TAG = "global_step1"
 
 
-def zero3(root: Path, *, lr: Any = 0.1, ds_version: Any = "0.16.0") -> Path:
+def zero3(
+    root: Path, *, lr: Any = 0.1, ds_version: Any = "0.16.0", group: dict[Any, Any] | None = None
+) -> Path:
     """A ZeRO-3 checkpoint of one 4-element parameter ``w`` on one rank, under ``root/TAG``,
     with ``latest`` naming it; returns ``root``."""
     folder = root / TAG
@@ -219,7 +223,7 @@ def zero3(root: Path, *, lr: Any = 0.1, ds_version: Any = "0.16.0") -> Path:
             "optimizer_state_dict": {
                 "zero_stage": 3,
                 "optimizer_state_dict": {
-                    "param_groups": [{"params": [0], "lr": lr}],
+                    "param_groups": [{"params": [0], "lr": lr, **(group or {})}],
                     "state": {0: moments},
                 },
                 "fp32_flat_groups": [torch.arange(4.0)],
@@ -241,6 +245,27 @@ def test_deepspeed_param_group_of_shared_lists_is_refused(tmp_path: Path) -> Non
     src = zero3(tmp_path / "src", lr=shared_lists())
     with pytest.raises(CorruptCheckpointError, match=r"optim_states\.pt: .*too large as JSON"):
         import_deepspeed(src, str(tmp_path / "out"))
+
+
+def test_deepspeed_param_group_key_that_is_no_string_is_refused(tmp_path: Path) -> None:
+    """A tuple key of one long string many times: its str() or repr() alone would take 200 MB
+    (weights-only loading accepts it, and its hash is cheap)."""
+    key = tuple(["x" * 10_000] * 20_000)
+    src = zero3(tmp_path / "src", group={key: 1})
+    with pytest.raises(CorruptCheckpointError, match="param_groups is not a list of dicts with"):
+        import_deepspeed(src, str(tmp_path / "out"))
+
+
+def test_json_size_of_crafted_keys_and_nesting_is_measured_cheaply() -> None:
+    key = tuple(["x" * 10_000] * 20_000)
+    started = time.monotonic()
+    assert json_size_bound({key: 1}, 1000) < 100  # JSON refuses such a key anyway
+    assert time.monotonic() - started < 0.5
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(CorruptCheckpointError, match="lr is nested too deeply to be JSON"):
+        JsonBudget().charge(deep, "lr")
 
 
 def test_deepspeed_version_that_is_no_string_is_left_out(tmp_path: Path) -> None:

@@ -245,8 +245,12 @@ class _RankState:
 
 
 def _hyper_parameters(groups: Any, where: Path, budget: JsonBudget) -> list[dict[str, Any]]:
-    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
-        raise CorruptCheckpointError(f"{where}: optimizer param_groups is not a list of dicts")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, Mapping) and all(isinstance(k, str) for k in g) for g in groups
+    ):
+        raise CorruptCheckpointError(
+            f"{where}: optimizer param_groups is not a list of dicts with string keys"
+        )
     budget.charge(groups, f"{where}: optimizer param_groups")  # before _json_value walks them
     return [
         {k: _json_value(v, f"{where}: param group {k!r}") for k, v in g.items()} for g in groups

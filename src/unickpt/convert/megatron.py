@@ -651,8 +651,11 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
             value = value.item()
         if isinstance(value, tuple):
             value = list(value)
-        if value is None or isinstance(value, bool | int | float | str | list):
-            out[str(name)] = value
+        # (option names are strings: str() of a crafted key may take any memory)
+        if isinstance(name, str) and (
+            value is None or isinstance(value, bool | int | float | str | list)
+        ):
+            out[name] = value
     return out
 
 

@@ -236,7 +236,10 @@ class JsonBudget:
     def charge(self, value: Any, what: str) -> None:
         """Count ``value`` against the budget; CorruptCheckpointError naming ``what`` (its key
         and file) once the values so far would not fit in a manifest."""
-        size = json_size_bound(value, self.left)
+        try:
+            size = json_size_bound(value, self.left)
+        except RecursionError:
+            raise CorruptCheckpointError(f"{what} is nested too deeply to be JSON") from None
         if size > self.left:
             raise CorruptCheckpointError(
                 f"{what} is too large as JSON: with the values before it, more than the "

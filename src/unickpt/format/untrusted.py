@@ -56,7 +56,8 @@ def json_size_bound(value: Any, limit: int) -> int:
     JSON writes a list once per reference to it, so a value can be exponentially larger as
     JSON than in memory or as a pickle: 40 nested lists, each holding the one inside it twice,
     are 390 bytes of pickle and 2**40 lists of JSON. Check this before ``json.dumps``. A
-    container that holds itself counts as small here; ``json.dumps`` refuses it.
+    container that holds itself counts as small here; ``json.dumps`` refuses it. Nesting
+    deeper than the recursion limit raises RecursionError, as ``json.dumps`` does.
     """
     sizes: dict[int, int] = {}
 
@@ -72,7 +73,9 @@ def json_size_bound(value: Any, limit: int) -> int:
         total = 1  # the brackets, less the comma before the first item
         pairs = node.items() if isinstance(node, dict) else ((None, item) for item in node)
         for name, item in pairs:
-            total += 1 + size(item) + (0 if name is None else size(str(name)) + 1)
+            # a key that is no string: JSON writes a number's text, and refuses the rest
+            key = 0 if name is None else (size(name) if isinstance(name, str) else 1) + 1
+            total += 1 + size(item) + key
             if total > limit:
                 break
         total = max(total, 2)
