@@ -12,16 +12,18 @@ peers are in step, and the checkpoint is committed or not, the same for every ra
 from __future__ import annotations
 
 import contextlib
-import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-log = logging.getLogger("unickpt")
-
 _HELD = (signal.SIGINT, signal.SIGTERM)
+_HELD_NOTICE = (
+    "unickpt: {} held until this checkpoint operation ends, so that all ranks stay in step; "
+    "send it again to interrupt it (a save is then not committed)\n"
+)
 _holding = False  # the main thread is inside held_interrupts() (it nests: the outermost holds)
 
 
@@ -48,14 +50,11 @@ def held_interrupts() -> Iterator[None]:
             previous[signum](signum, frame)
         else:
             received.append(signum)
-            # Otherwise a Ctrl-C during a minutes-long save looks ignored. Suppressed: a
-            # handler that interrupted a write to the same stream gets a reentrant-call error.
-            with contextlib.suppress(Exception):
-                log.warning(
-                    "unickpt: %s held until this checkpoint operation ends, so that all ranks "
-                    "stay in step; send it again to interrupt it (a save is then not committed)",
-                    signal.Signals(signum).name,
-                )
+            # Otherwise a Ctrl-C during a minutes-long save looks ignored. Written to the
+            # stderr descriptor, as faulthandler does: logging (or a thread to log) could wait
+            # on a lock the interrupted main thread holds.
+            with contextlib.suppress(OSError):
+                os.write(2, _HELD_NOTICE.format(signal.Signals(signum).name).encode())
 
     try:
         for signum in _HELD:
