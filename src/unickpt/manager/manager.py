@@ -525,7 +525,7 @@ class CheckpointManager:
         if warn:  # at 2, 4, 8... waiting: a growing backlog makes each save a new high
             log.warning(
                 "unickpt: %d checkpoints are still to be drained when %s is saved: saves come "
-                "faster than the slower tiers take them (the memory tier keeps them all)",
+                "faster than the slower tiers take them (the fastest tier keeps them all)",
                 waiting,
                 name,
             )
@@ -735,6 +735,7 @@ class CheckpointManager:
 
     def latest(self) -> str | None:
         """Path of the newest committed checkpoint (on the fastest tier holding it), or None.
+        Committed: its manifest published, its step read; loading it validates the rest.
 
         Found by listing, not by the ``latest`` pointer file: that file is written for external
         tools and may lag behind a commit or name a checkpoint deleted since.
