@@ -292,3 +292,25 @@ def test_safetensors_data_must_be_back_to_back(
     _raw_safetensors(tmp_path / "model.safetensors", entries, data_bytes)
     with pytest.raises(CorruptCheckpointError, match=message):
         import_hf(tmp_path, str(tmp_path / "out"))
+
+
+def test_a_snapshot_of_the_hugging_face_cache_converts(tmp_path: Path) -> None:
+    """snapshot_download() returns <repo>/snapshots/<revision>, whose files link to
+    <repo>/blobs: a layout, not an escape. Links anywhere else are still refused."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_file(weights, repo / "blobs" / "9f86d08")
+    (snapshot / "model.safetensors").symlink_to("../../blobs/9f86d08")
+    for src in (snapshot, snapshot / "model.safetensors"):
+        out = tmp_path / f"out-{src.name}"
+        assert list(import_hf(src, str(out)).tensors) == ["model.w"]
+        with CheckpointReader(str(out)) as reader:
+            assert torch.equal(reader.read("model.w"), weights["w"])
+    save_file(weights, tmp_path / "elsewhere.safetensors")
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(UnsafeCheckpointError, match="resolves outside"):
+        import_hf(snapshot, str(tmp_path / "out-escape"))

@@ -44,7 +44,7 @@ from typing import IO, Any
 
 import torch
 
-from unickpt.convert.hf import open_location
+from unickpt.convert.hf import open_location, open_source
 from unickpt.convert.torchfile import (
     JsonBudget,
     refuse_compressed,
@@ -555,7 +555,7 @@ def import_dcp(
     (values) instead of being unpickled. ``storage_options`` configure the ``s3://`` side(s);
     ``progress(done, total)`` is called in bytes.
     """
-    storage = open_location(src, storage_options)
+    storage = open_source(src, storage_options)
     metadata = read_metadata(storage, trust_pickle=trust_pickle)
     try:
         items = parse_metadata(metadata, storage)

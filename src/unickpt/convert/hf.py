@@ -24,6 +24,7 @@ import torch
 
 from unickpt.convert.spec import Spec
 from unickpt.convert.target import write_converted
+from unickpt.convert.torchfile import source_storage
 from unickpt.engine.buffers import byte_view, streaming_empty
 from unickpt.engine.stream import LazyTensor, Progress
 from unickpt.errors import (
@@ -52,6 +53,17 @@ def open_location(
         return url
     text = os.fspath(url)
     return open_storage(text, storage_options if text.startswith("s3://") else None)
+
+
+def open_source(
+    url: str | os.PathLike[str] | Storage, storage_options: Mapping[str, Any] | None
+) -> Storage:
+    """The storage of a source to convert at ``url``: :func:`open_location`, but a local
+    directory in the layout of the Hugging Face cache may link into its blobs
+    (:func:`~unickpt.convert.torchfile.source_storage`)."""
+    if isinstance(url, Storage) or "://" in os.fspath(url):
+        return open_location(url, storage_options)
+    return source_storage(url)
 
 
 def parse_spec(spec: Spec | str | os.PathLike[str] | None) -> Spec | None:
@@ -229,10 +241,10 @@ def read_source(
     files: list[str] = []
     if not isinstance(src, Storage) and os.path.isfile(src):  # one local file
         path = Path(src)
-        storage: Storage = open_storage(str(path.parent))
+        storage: Storage = source_storage(path.parent)
         files = [path.name]
     else:
-        storage = open_location(src, storage_options)
+        storage = open_source(src, storage_options)
     source = SafetensorsFiles(storage)
     try:
         weight_map: dict[str, str] | None = None

@@ -187,12 +187,23 @@ def release_pages(tensor: torch.Tensor) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
+def source_storage(root: str | os.PathLike[str]) -> LocalStorage:
+    """The local directory ``root`` of a source to convert, as storage that refuses paths
+    resolving outside it: a source must not make a conversion read, and write into its output,
+    files its owner did not put in it. Its layout may keep files elsewhere: a snapshot of the
+    Hugging Face cache (``<repo>/snapshots/<revision>``, what ``snapshot_download`` returns)
+    links each file to ``<repo>/blobs``, where it may resolve too."""
+    parent = os.path.dirname(os.path.realpath(root))
+    blobs = os.path.join(os.path.dirname(parent), "blobs")
+    hub = os.path.basename(parent) == "snapshots" and os.path.isdir(blobs)
+    return LocalStorage(os.fspath(root), also_inside=(blobs,) if hub else ())
+
+
 def inside(root: Path, path: Path) -> Path:
-    """``path``, a file or folder below ``root``, once known to resolve inside ``root``;
-    UnsafeCheckpointError naming it otherwise (a symlink to elsewhere). The check is the local
-    storage's, which every path of an HF or DCP source passes: a source must not make a
-    conversion read, and write into its output, files its owner did not put in it."""
-    LocalStorage(os.fspath(root)).check_inside(path.relative_to(root).as_posix())
+    """``path``, a file or folder below ``root``, once known to resolve inside the source
+    ``root`` (:func:`source_storage`); UnsafeCheckpointError naming it otherwise (a symlink to
+    elsewhere), the check every path of an HF or DCP source passes."""
+    source_storage(root).check_inside(path.relative_to(root).as_posix())
     return path
 
 

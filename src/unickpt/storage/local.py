@@ -290,14 +290,22 @@ class LocalStorage(Storage):
     """Files under a directory. Paths resolving outside it (``..``, symlinks) are refused."""
 
     def __init__(
-        self, root: str, *, direct_io: bool | None = None, node_local: bool = False
+        self,
+        root: str,
+        *,
+        direct_io: bool | None = None,
+        node_local: bool = False,
+        also_inside: tuple[str, ...] = (),
     ) -> None:
         """``direct_io``: write large page-aligned buffers around the page cache (O_DIRECT);
-        None (default) does so on the filesystems of ``DIRECT_FILESYSTEMS`` only."""
+        None (default) does so on the filesystems of ``DIRECT_FILESYSTEMS`` only.
+        ``also_inside``: directories elsewhere that paths may resolve into (a source's files
+        that the layout it comes in keeps apart: a Hugging Face cache's blobs)."""
         self.root = os.path.abspath(root)
         self.url = self.root
         self.node_local = node_local
         self._direct_io = direct_io
+        self._also_inside = tuple(os.path.realpath(d) for d in also_inside)
 
     @property
     def direct_io(self) -> bool:
@@ -308,9 +316,11 @@ class LocalStorage(Storage):
     def _resolve(self, path: str) -> str:
         check_relative_path(path)
         full = os.path.join(self.root, path)
-        real_root = os.path.realpath(self.root)
         real = os.path.realpath(full)
-        if real != real_root and not real.startswith(real_root + os.sep):
+        if not any(
+            real == top or real.startswith(top + os.sep)
+            for top in (os.path.realpath(self.root), *self._also_inside)
+        ):
             raise UnsafeCheckpointError(
                 f"path {path!r} resolves outside the checkpoint directory {self.root} (to {real})"
             )
@@ -407,7 +417,10 @@ class LocalStorage(Storage):
 
     def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(
-            self._resolve(prefix), direct_io=self._direct_io, node_local=self.node_local
+            self._resolve(prefix),
+            direct_io=self._direct_io,
+            node_local=self.node_local,
+            also_inside=self._also_inside,
         )
 
     def ensure_root(self) -> None:
