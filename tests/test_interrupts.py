@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -149,3 +151,32 @@ def test_an_interrupt_while_waiting_for_a_peer_leaves_the_save_whole(ckpt_root: 
     assert second.startswith("KeyboardInterrupt"), second
     assert float(second.split()[1]) < 10, second  # after the save, not the timeout
     unickpt.verify(f"{ckpt_root}/ckpt")
+
+
+_CLOSED_STDERR_SAVE = """
+import os, signal, sys, threading, time, torch, unickpt
+def later():
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=later).start()
+try:
+    unickpt.save(sys.argv[1], {"w": torch.ones(2 << 20)}, max_write_rate=4e6)
+except KeyboardInterrupt:
+    sys.exit(3)
+"""
+
+
+def test_the_notice_of_a_held_signal_never_goes_to_a_file_in_place_of_stderr(
+    ckpt_root: str,
+) -> None:
+    """A process started with stderr closed: file descriptor 2 goes to the first file opened,
+    a data file of the save, which then held the notice among its bytes and failed to load."""
+    path = f"{ckpt_root}/closed"
+    child = subprocess.run(
+        [sys.executable, "-c", _CLOSED_STDERR_SAVE, path],
+        preexec_fn=lambda: os.close(2),  # in the child alone, before exec
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 3  # the interrupt, raised once the save had committed
+    unickpt.verify(path)

@@ -12,8 +12,8 @@ peers are in step, and the checkpoint is committed or not, the same for every ra
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -50,11 +50,14 @@ def held_interrupts() -> Iterator[None]:
             previous[signum](signum, frame)
         else:
             received.append(signum)
-            # Otherwise a Ctrl-C during a minutes-long save looks ignored. Written to the
-            # stderr descriptor, as faulthandler does: logging (or a thread to log) could wait
-            # on a lock the interrupted main thread holds.
-            with contextlib.suppress(OSError):
-                os.write(2, _HELD_NOTICE.format(signal.Signals(signum).name).encode())
+            # Otherwise a Ctrl-C during a minutes-long save looks ignored. Not logged: a logging
+            # handler could wait on a lock the interrupted main thread holds, where a stream
+            # refuses a reentrant write (suppressed). Not os.write(2): with stderr closed, fd 2
+            # may be a checkpoint's data file.
+            if sys.stderr is not None:
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(_HELD_NOTICE.format(signal.Signals(signum).name))
+                    sys.stderr.flush()
 
     try:
         for signum in _HELD:
