@@ -333,11 +333,5 @@ def start(
         _in_flight = handle
         if lazy:
             _lazy_pending = handle
-    try:
-        _jobs.submit(run)
-    except BaseException as exc:  # no thread for it (a pids limit): a save that never ran
-        handle._staged.set()
-        handle._finish(None, exc)
-        _forget(handle)
-        raise
+    _jobs.submit(run)
     return handle

@@ -44,20 +44,19 @@ class JobChain:
         _chains.add(self)
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` once every job submitted before it has finished."""
+        """Run ``job`` once every job submitted before it has finished: on the worker, or,
+        when no thread can be started (a container's pids limit), here and now."""
         with self._changed:
             self._queue.append(job)
             self._submitted += 1
             if self._working:
                 return
-            worker = threading.Thread(target=self._work, name=self.name, daemon=False)
-            try:
-                worker.start()
-            except BaseException:  # no thread to be had: the job never ran
-                self._queue.pop()
-                self._submitted -= 1
-                raise
             self._working = True
+        try:
+            threading.Thread(target=self._work, name=self.name, daemon=False).start()
+        except RuntimeError as exc:  # the job's peers run it: it must run, if not aside
+            log.warning("unickpt: no thread for a job of %s (%s): running it here", self.name, exc)
+            self._work()
 
     def wait(self) -> None:
         """Block until every job submitted so far has finished."""

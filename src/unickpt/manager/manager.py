@@ -529,14 +529,7 @@ class CheckpointManager:
                 waiting,
                 name,
             )
-        try:
-            self._drainer.submit(lambda: self._job(name, handle, source))
-        except BaseException:  # no thread for it: the checkpoint is not held for the job
-            with self._lock:
-                self._active[name] -= 1
-                if self._active[name] <= 0:
-                    del self._active[name]
-            raise
+        self._drainer.submit(lambda: self._job(name, handle, source))
 
     def _job(self, name: str, handle: SaveHandle | None, source: int) -> None:
         """After ``name`` commits on tier ``source``: drain it to each slower tier in turn,
