@@ -733,12 +733,17 @@ def test_if_busy_is_checked() -> None:
         unickpt.save("unused", {"w": torch.ones(1)}, mode="async", if_busy="Skip")  # type: ignore[arg-type]
 
 
-def _destroy_during_save(rank: int, world_size: int, root: str, port: int) -> str | None:
+def _destroy_during_save(
+    rank: int, world_size: int, root: str, port: int, reinit: bool
+) -> str | None:
     storage = GatedLocal(f"{root}/cut")
     queued = threading.Event()  # the save's job starts only once the group is gone
     background._jobs.submit(queued.wait)
     handle = unickpt.save(storage, {"w": torch.ones(1 << 20)}, mode="lazy")
     dist.destroy_process_group()  # at the end of a script, without waiting for the save
+    os.environ["MASTER_PORT"] = str(port)  # the harness ends with a barrier
+    if reinit:  # a new group before the save's job runs
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     queued.set()
     storage.gate.set()
     try:
@@ -746,17 +751,19 @@ def _destroy_during_save(rank: int, world_size: int, root: str, port: int) -> st
         message = None
     except unickpt.CheckpointError as exc:
         message = str(exc)
-    os.environ["MASTER_PORT"] = str(port)  # the harness ends with a barrier
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if not reinit:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return message
 
 
-def test_destroying_the_process_group_under_a_save_is_named(ckpt_root: str) -> None:
+@pytest.mark.parametrize("reinit", [False, True])
+def test_destroying_the_process_group_under_a_save_is_named(ckpt_root: str, reinit: bool) -> None:
     """The save's job runs once the group is gone. Taking its group only then, it saw a world
     of one, and each rank saved alone into one path (one committed, unaware). It runs on the
     group it was given when the save was called: its collectives may get as far as the
-    commit, and every rank is told that the save was cut off."""
-    messages = run_distributed(2, _destroy_during_save, ckpt_root, free_port())
+    commit, and every rank is told that the save was cut off, also when a new group was made
+    meanwhile (it was a bare ValueError from the old group then)."""
+    messages = run_distributed(2, _destroy_during_save, ckpt_root, free_port(), reinit)
     for message in messages:
         assert message is not None, "a rank saved without its group"
         assert "destroy_process_group() cut off the save to" in message

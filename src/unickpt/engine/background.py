@@ -290,7 +290,7 @@ def start(
     global _in_flight, _lazy_pending, _started_any
     _ensure_group()
     comm = _checkpoint_comm()
-    distributed = _group is not None
+    world = _group[0] if _group is not None else None  # the process group of the save
     handle = SaveHandle(path)
     with _lock:  # before staging, which may raise on this rank alone: admit() stays collective
         _started_any = True
@@ -314,7 +314,7 @@ def start(
                     handle._staged.set()  # never leave a step hook blocked
             handle._finish(finish(comm), None)
         except BaseException as exc:
-            if distributed and not dist.is_initialized():
+            if world is not None and (not dist.is_initialized() or dist.group.WORLD is not world):
                 cut_off = CheckpointError(
                     f"destroy_process_group() cut off the save to {path}, before or after it "
                     "committed: wait() for its handle (or close() the CheckpointManager) before "
