@@ -64,6 +64,8 @@ def json_size_bound(value: Any, limit: int) -> int:
     def size(node: Any) -> int:
         if isinstance(node, str):
             return len(node) + 2
+        if isinstance(node, int):  # its digits, without writing them (a 4,000-digit int...)
+            return max(1, int(abs(node).bit_length() * 0.30102))
         if not isinstance(node, list | tuple | dict):
             return 1
         known = sizes.get(id(node))
@@ -73,8 +75,8 @@ def json_size_bound(value: Any, limit: int) -> int:
         total = 1  # the brackets, less the comma before the first item
         pairs = node.items() if isinstance(node, dict) else ((None, item) for item in node)
         for name, item in pairs:
-            # a key that is no string: JSON writes a number's text, and refuses the rest
-            key = 0 if name is None else (size(name) if isinstance(name, str) else 1) + 1
+            # a key that is no string: JSON writes a number as text, and refuses the rest
+            key = 0 if name is None else (size(name) if isinstance(name, str | int) else 1) + 1
             total += 1 + size(item) + key
             if total > limit:
                 break
