@@ -54,7 +54,7 @@ class JobChain:
             self._working = True
         try:
             threading.Thread(target=self._work, name=self.name, daemon=False).start()
-        except RuntimeError as exc:  # the job's peers run it: it must run, if not aside
+        except RuntimeError as exc:  # its peers run theirs: here, rather than not at all
             log.warning("unickpt: no thread for a job of %s (%s): running it here", self.name, exc)
             self._work()
 
