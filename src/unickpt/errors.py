@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import reprlib
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -97,6 +98,12 @@ def printable(text: str, *, keep: str = "") -> str:
     crafted checkpoint must not send escape sequences (clear the screen, retitle or recolour
     the terminal) to one or to a log later shown on one, nor make printing fail."""
     return _UNPRINTABLE.sub(lambda m: m[0] if m[0] in keep else repr(m[0])[1:-1], text)
+
+
+def first_few(items: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``items`` joined for a message, and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _short_repr() -> reprlib.Repr:

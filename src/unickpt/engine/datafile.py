@@ -22,7 +22,12 @@ from typing import Any
 import torch
 
 from unickpt.engine.buffers import byte_view, flat, tensor_bytes
-from unickpt.errors import CheckpointError, CheckpointExistsError, StateChangedError
+from unickpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    StateChangedError,
+    first_few,
+)
 from unickpt.format.checksum import Checksummer
 from unickpt.format.dtypes import itemsize
 from unickpt.format.manifest import (
@@ -60,10 +65,9 @@ def check_target(storage: Storage) -> None:
         )
     foreign = [name for name in names if not written_by_a_save(name)]
     if foreign:
-        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise CheckpointError(
-            f"{storage.url} holds files that no unickpt save wrote ({', '.join(foreign[:3])}"
-            f"{more}); save into a new or empty directory"
+            f"{storage.url} holds files that no unickpt save wrote ({first_few(foreign)}); "
+            "save into a new or empty directory"
         )
 
 

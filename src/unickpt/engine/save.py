@@ -48,6 +48,7 @@ from unickpt.errors import (
     StorageError,
     error_class,
     error_vote,
+    first_few,
     peer_error,
 )
 from unickpt.format.dtypes import dtype_name
@@ -226,9 +227,8 @@ def _check_unchanged(prepared: PreparedSave) -> None:
         if prepared.view.shards[key].local._version != version
     ]
     if changed:
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise StateChangedError(
-            f"lazy save to {prepared.url}: {', '.join(changed[:3])}{more} changed in "
+            f"lazy save to {prepared.url}: {first_few(changed)} changed in "
             "place before the save had copied the state, so the copy would mix two states; "
             "nothing was committed. Nothing may update the state of a lazy save until "
             "unickpt.before_update() returns: every optimizer's step calls it from a step "
@@ -638,8 +638,7 @@ def _objects_from_here(view: SaveView, comm: Comm) -> list[str]:
     if lost:
         raise InvalidStateError(
             f"pickled state entries are saved from rank 0 only, and rank 0 does not hold "
-            f"{', '.join(f'{k!r} (rank {elsewhere[k]})' for k in lost[:3])}"
-            f"{f' and {len(lost) - 3} more' if len(lost) > 3 else ''}: hold them on rank 0 "
+            f"{first_few([f'{k!r} (rank {elsewhere[k]})' for k in lost])}: hold them on rank 0 "
             "too, or make them JSON values"
         )
     if comm.rank == 0:

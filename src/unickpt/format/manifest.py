@@ -17,6 +17,7 @@ from unickpt.errors import (
     IncompleteCheckpointError,
     InvalidStateError,
     UnsupportedFormatError,
+    first_few,
 )
 from unickpt.format.dtypes import is_known, itemsize
 from unickpt.format.untrusted import parse_json, read_json
@@ -325,10 +326,9 @@ def _absent(storage: Storage) -> CheckpointError:
     # (the first 100 directories: an error path, kept cheap on object stores)
     held = [c for c in storage.children()[:100] if storage.exists(f"{c}/{MANIFEST}")]
     if held:  # a run's root (a manager's tier), given for one of its checkpoints
-        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         return CheckpointNotFoundError(
             f"{storage.url} is not a checkpoint but holds checkpoints: "
-            f"{', '.join(held[:3])}{more}; name one of them"
+            f"{first_few(held)}; name one of them"
         )
     names = storage.list()
     if names and not any(written_by_a_save(name) for name in names):
