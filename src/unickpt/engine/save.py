@@ -649,17 +649,26 @@ def _objects_from_here(view: SaveView, comm: Comm) -> list[str]:
 
 def _write(prepared: PreparedSave, planned: _Planned, comm: Comm) -> dict[str, Any]:
     if planned.error is not None:  # staging failed: nothing to write, only peers to tell
-        kind = type(planned.error).__name__
-        error = f"rank {comm.rank} staging: {kind}: {planned.error}"
-        return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
+        return _not_written(f"rank {comm.rank} staging", planned.error)
     with prepared.timer("write"):
         try:
             return _write_files(prepared, comm.rank, planned)
         except BaseException as exc:  # a second Ctrl-C (the first is held), once the writers
             planned.error = exc  # are done (the process would wait for them to exit anyway):
-            kind = type(exc).__name__  # raised when the commit has told the peers
-            error = f"rank {comm.rank} interrupted while writing: {kind}: {exc}"
-            return {"files": {}, "chunks": [], "error": error, "writing": False, "type": kind}
+            # raised when the commit has told the peers
+            return _not_written(f"rank {comm.rank} interrupted while writing", exc)
+
+
+def _not_written(what: str, error: BaseException) -> dict[str, Any]:
+    """The report of a rank that wrote nothing, for ``error`` (its class goes to the peers)."""
+    kind = type(error).__name__
+    return {
+        "files": {},
+        "chunks": [],
+        "error": f"{what}: {kind}: {error}",
+        "writing": False,
+        "type": kind,
+    }
 
 
 def _commit(
