@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -85,6 +85,18 @@ def peer_error(rank: int, what: str, kind: str, message: str) -> CheckpointError
     that only heard of it raises it: of the same unickpt class, where it was one, so that
     every rank can tell a storage outage from a corrupt checkpoint alike."""
     return error_class(kind)(f"{what} failed on rank {rank}: {kind}: {message}")
+
+
+def raise_first_failure(
+    votes: Sequence[Mapping[str, Any]], local: BaseException | None, what: str
+) -> None:
+    """Raise this rank's own error, else the first failing rank's, as one of its class:
+    ``votes`` are every rank's :func:`error_vote`, in rank order."""
+    if local is not None:
+        raise local
+    for rank, vote in enumerate(votes):
+        if vote["type"]:
+            raise peer_error(rank, what, vote["type"], vote["error"])
 
 
 # C0, DEL and C1 (Unicode's "Cc" characters), and lone surrogates, which no encoding prints

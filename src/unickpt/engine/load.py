@@ -26,7 +26,7 @@ from unickpt.errors import (
     StateMismatchError,
     UnsafeCheckpointError,
     error_vote,
-    peer_error,
+    raise_first_failure,
 )
 from unickpt.format.checksum import checksum
 from unickpt.format.dtypes import torch_dtype
@@ -120,12 +120,7 @@ def _agree(comm: Comm, error: BaseException | None, prepared: _PreparedLoad | No
         "url": str(prepared.storage.url) if prepared else "",
     }
     votes = [json.loads(v) for v in comm.all_gather_bytes(json.dumps(mine).encode())]
-    failures = [(rank, vote) for rank, vote in enumerate(votes) if vote["type"]]
-    if error is not None:
-        raise error
-    if failures:
-        rank, vote = failures[0]
-        raise peer_error(rank, "load", vote["type"], vote["error"])
+    raise_first_failure(votes, error, "load")
     if prepared is not None and len({vote["save"] for vote in votes}) > 1:
         differ = [(r, v["url"]) for r, v in enumerate(votes) if v["save"] != mine["save"]]
         raise CheckpointError(

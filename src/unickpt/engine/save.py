@@ -49,7 +49,7 @@ from unickpt.errors import (
     error_class,
     error_vote,
     first_few,
-    peer_error,
+    raise_first_failure,
 )
 from unickpt.format.dtypes import dtype_name
 from unickpt.format.manifest import (
@@ -593,7 +593,7 @@ def _plan(prepared: _Collected, comm: Comm) -> _Planned:
             "objects": xxhash.xxh3_64_hexdigest(json.dumps(_object_keys(prepared.view)).encode()),
         }
         replies = [json.loads(r) for r in comm.all_gather_bytes(json.dumps(hello).encode())]
-        _raise_first_failure(replies, error, "save")
+        raise_first_failure(replies, error, "save")
         others = [(rank, r["target"]) for rank, r in enumerate(replies) if r["target"] != target]
         if others:
             theirs = "; ".join(f"rank {rank} {_doing(t)}" for rank, t in others)
@@ -745,17 +745,6 @@ def _doing(target: list[Any]) -> str:
     if not target:
         return "prepares its staging pool (reserve_staging) instead of saving"
     return f"saves to {target[0]} (step {target[1]})"
-
-
-def _raise_first_failure(
-    replies: list[dict[str, Any]], local_error: BaseException | None, what: str
-) -> None:
-    """Raise this rank's own error, else the first failing rank's, as one of its class."""
-    if local_error is not None:
-        raise local_error
-    for rank, reply in enumerate(replies):
-        if reply["type"]:
-            raise peer_error(rank, what, reply["type"], reply["error"])
 
 
 def _build_manifest(

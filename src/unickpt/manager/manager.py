@@ -38,6 +38,7 @@ from unickpt.errors import (
     StorageError,
     error_vote,
     peer_error,
+    raise_first_failure,
 )
 from unickpt.format.manifest import MANIFEST, RNG_KEY, Manifest, read_manifest, read_summary
 from unickpt.layout.sharded import ShardedTensor
@@ -494,12 +495,7 @@ class CheckpointManager:
             **error_vote(error),
         }
         votes = [json.loads(v) for v in self._comm.all_gather_bytes(json.dumps(vote).encode())]
-        if error is not None:
-            raise error
-        for rank, other in enumerate(votes):
-            if other["type"]:
-                what = "creating the CheckpointManager"
-                raise peer_error(rank, what, other["type"], other["error"])
+        raise_first_failure(votes, error, "creating the CheckpointManager")
         others = [(rank, v["tiers"]) for rank, v in enumerate(votes) if v["tiers"] != mine]
         if others:
             theirs = "; ".join(f"rank {rank}: {v}" for rank, v in others)
@@ -873,10 +869,7 @@ class CheckpointManager:
         }
         if self._comm.world_size > 1:
             message = json.loads(self._comm.broadcast_bytes(json.dumps(message).encode()))
-        if error is not None:
-            raise error
-        if message["type"]:
-            raise peer_error(0, "listing the checkpoints", message["type"], message["error"])
+        raise_first_failure([message], error, "listing the checkpoints")  # rank 0's
         ordered = [(str(n), int(i)) for n, i in message["candidates"]]
         undrained = [(str(n), int(i)) for n, i in message["undrained"]]
         if message["sweep"]:
