@@ -296,10 +296,7 @@ def read_summary(storage: Storage) -> ManifestSummary:
     listing its run (every restart, every retention) parsed every checkpoint in full, a minute
     for 20 checkpoints of 50k tensors. Loads validate what they read. Raises as
     :func:`read_manifest` does."""
-    if not storage.exists(MANIFEST):
-        raise _absent(storage)
-    where = storage.describe(MANIFEST)
-    doc = read_json(storage, MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what=f"manifest {where}")
+    where, doc = _committed_document(storage)
     return _Parser(where).summary(doc)
 
 
@@ -309,14 +306,22 @@ def read_manifest(storage: Storage) -> Manifest:
     Raises CheckpointNotFoundError (nothing there), IncompleteCheckpointError (data but no
     committed manifest), CorruptCheckpointError/UnsupportedFormatError/UnsafeCheckpointError.
     """
-    if not storage.exists(MANIFEST):
-        raise _absent(storage)
-    where = storage.describe(MANIFEST)
-    doc = read_json(storage, MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what=f"manifest {where}")
+    where, doc = _committed_document(storage)
     manifest = _Parser(where).manifest(doc)
     for name in manifest.files:  # symlinks out of the checkpoint are refused before any read
         storage.check_inside(name)
     return manifest
+
+
+def _committed_document(storage: Storage) -> tuple[str, Any]:
+    """Where the manifest of the checkpoint rooted at ``storage`` is, and its JSON document;
+    raises what :func:`read_manifest` documents if there is none, or it is no JSON."""
+    if not storage.exists(MANIFEST):
+        raise _absent(storage)
+    where = storage.describe(MANIFEST)
+    return where, read_json(
+        storage, MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what=f"manifest {where}"
+    )
 
 
 def _absent(storage: Storage) -> CheckpointError:
